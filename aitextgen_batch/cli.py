@@ -1,0 +1,93 @@
+"""`aitextgen-batch <command>`: every subcommand maps to one library function, all in this one place."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import add_dataclass_arguments, config_from_namespace
+from .errors import UserError
+
+
+def _train_tokenizer(cfg) -> int:
+    from .tokenizer import train_tokenizer
+
+    tok = train_tokenizer(cfg.input, cfg.vocab_size, cfg.output, min_frequency=cfg.min_frequency)
+    print(f"wrote tokenizer ({len(tok)} tokens) to {cfg.output}")
+    return 0
+
+
+def _init_model(cfg) -> int:
+    from .models.info import model_info, print_table
+    from .tokenizer import init_model
+
+    out = init_model(cfg.preset, cfg.tokenizer, cfg.output, seed=cfg.seed)
+    print_table(model_info(str(out)), title=f"wrote {out}")
+    return 0
+
+
+def _info(cfg) -> int:
+    from .models.info import model_info, print_table
+
+    print_table(model_info(cfg.source, cfg.tokenizer, cfg.trust_remote_code, cfg.allow_pickle))
+    return 0
+
+
+def _commands():
+    """name -> (config dataclass, handler). Imports stay light: configs import no torch."""
+    from .models.info import InfoConfig
+    from .tokenizer import InitModelConfig, TrainTokenizerConfig
+
+    return {
+        "train-tokenizer": (TrainTokenizerConfig, _train_tokenizer),
+        "init-model": (InitModelConfig, _init_model),
+        "info": (InfoConfig, _info),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser; also used by tests to check that job and cluster configs parse."""
+    parser = argparse.ArgumentParser(
+        prog="aitextgen-batch",
+        description="Reproducible batch text generation and finetuning of causal LMs on Ray.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, (cls, _) in _commands().items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        p = sub.add_parser(name, help=doc, description=doc)
+        p.add_argument(
+            "--config",
+            action="append",
+            metavar="FILE.yaml",
+            help="YAML file of option: value (flags given on the command line win)",
+        )
+        add_dataclass_arguments(p, cls)
+    return parser
+
+
+def parse(argv: list[str] | None = None):
+    """Parse argv into (command name, validated config); exits 2 with the flag named on bad values."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    cls, _ = _commands()[ns.command]
+    try:
+        return ns.command, config_from_namespace(cls, ns)
+    except UserError as exc:
+        parser._subparsers._group_actions[0].choices[ns.command].error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point."""
+    name, cfg = parse(argv)
+    try:
+        return _commands()[name][1](cfg) or 0
+    except UserError as exc:
+        print(f"aitextgen-batch {name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The one config mechanism: dataclasses whose fields become CLI flags and YAML keys.
+
+A command's config is a dataclass. Each field becomes `--field-name` (its `help` metadata is the help
+text), YAML files given with `--config` set any field, and flags on the command line win over both.
+Validation lives in each dataclass's `__post_init__` and raises `UserError` naming the flag, so the
+Python API and the CLI report the same message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import UserError
+
+_UNSET = object()
+
+
+def flag(name: str) -> str:
+    """`max_new_tokens` -> `--max-new-tokens`."""
+    return "--" + name.replace("_", "-")
+
+
+def check(ok: bool, name: str, message: str, value: Any = _UNSET) -> None:
+    """Raise a UserError naming field `name` (and its flag) unless `ok`."""
+    if not ok:
+        got = "" if value is _UNSET else f", got {value!r}"
+        raise UserError(f"{name} ({flag(name)}) {message}{got}")
+
+
+def check_range(name: str, value, lo=None, hi=None, *, lo_open: bool = False) -> None:
+    """Check lo <= value <= hi (or lo < value with lo_open); the message states the allowed range."""
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    if bad:
+        left = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+        right = "" if hi is None else f"<= {hi}"
+        check(False, name, "must be " + " and ".join(x for x in (left, right) if x), value)
+
+
+def _fields(cls) -> list[tuple[dataclasses.Field, Any]]:
+    """Fields of `cls`, nested dataclass fields flattened in place, with resolved type hints."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(_fields(tp))
+        else:
+            out.append((f, tp))
+    return out
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _none_or(convert):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add one flag per (flattened) field of `cls`; every default is a sentinel so merging can tell what was set."""
+    for f, tp in _fields(cls):
+        tp, optional = _unwrap_optional(tp)
+        help_text = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"default": _UNSET, "help": help_text, "dest": f.name}
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            kwargs["choices"] = list(typing.get_args(tp))
+            kwargs["type"] = type(kwargs["choices"][0])
+        elif origin in (list, tuple):
+            kwargs["nargs"] = "*"
+            kwargs["type"] = typing.get_args(tp)[0] if typing.get_args(tp) else str
+        else:
+            conv = Path if tp is Path else tp if tp in (int, float, str) else str
+            kwargs["type"] = _none_or(conv) if optional else conv
+            kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
+        if f.metadata.get("positional"):
+            kwargs.pop("dest")
+            kwargs["nargs"] = "?" if f.default is not dataclasses.MISSING else None
+            parser.add_argument(f.name, **kwargs)
+        else:
+            parser.add_argument(flag(f.name), **kwargs)
+
+
+def _build(cls, values: dict[str, Any]):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise UserError(f"{flag(f.name)} is required")
+    return cls(**kwargs)
+
+
+def load_yaml_config(path: str | Path, cls) -> dict[str, Any]:
+    """Read a YAML mapping of field names (dashes or underscores) to values; unknown keys are errors."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {str(p)!r} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {str(p)!r} must hold a mapping of option: value")
+    known = {f.name for f, _ in _fields(cls)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise UserError(f"--config {str(p)!r}: unknown option {key!r}; known: {', '.join(sorted(known))}")
+        out[name] = value
+    return out
+
+
+def config_from_namespace(cls, ns: argparse.Namespace):
+    """Merge dataclass defaults < `--config` YAML < flags, then construct (and so validate) `cls`."""
+    values: dict[str, Any] = {}
+    for path in getattr(ns, "config", None) or []:
+        values.update(load_yaml_config(path, cls))
+    for f, _ in _fields(cls):
+        v = getattr(ns, f.name, _UNSET)
+        if v is not _UNSET:
+            values[f.name] = v
+    return _build(cls, values)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """A config as plain JSON-able data (paths as strings), for manifests and `hyperparameters.yaml`."""
+
+    def plain(v):
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}

@@ -1,0 +1,61 @@
+"""`aitextgen-batch info`: what a model source is, at a glance, with its fingerprint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import check
+
+
+@dataclass
+class InfoConfig:
+    """Describe a model folder, a cached hub id or a preset (and, later, a token cache)."""
+
+    source: str = field(default="", metadata={"help": "model folder, hub id or preset", "positional": True})
+    tokenizer: Path | None = field(default=None, metadata={"help": "tokenizer folder (needed for presets)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code shipped with the weights"})
+    allow_pickle: bool = field(default=False, metadata={"help": "accept pytorch_model.bin (pickle) weights"})
+
+    def __post_init__(self):
+        check(bool(self.source), "source", "is required: a model folder, hub id or preset name")
+
+
+def model_info(source: str, tokenizer=None, trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
+    """Load `source` on CPU and describe it: kind, architecture, size, vocabulary and fingerprint."""
+    from .fingerprint import model_fingerprint
+    from .loading import load_model, resolve_source
+
+    resolved = resolve_source(source)
+    model, tok = load_model(
+        source, device="cpu", tokenizer=tokenizer, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
+    cfg = model.config
+    return {
+        "source": source,
+        "kind": resolved.kind,
+        "folder": str(resolved.folder) if resolved.folder else None,
+        "architecture": type(model).__name__,
+        "model_type": cfg.model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "layers": getattr(cfg, "num_hidden_layers", None),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "context_length": getattr(cfg, "max_position_embeddings", None),
+        "vocab_size": cfg.vocab_size,
+        "tokenizer_size": len(tok),
+        "bos/eos/pad": f"{tok.bos_token_id}/{tok.eos_token_id}/{tok.pad_token_id}",
+        "fingerprint": model_fingerprint(model, tok, resolved.folder),
+    }
+
+
+def print_table(rows: dict, title: str | None = None) -> None:
+    """Print key/value rows as a two-column table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows.items():
+        table.add_row(str(k), f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
+    Console().print(table)

@@ -1,0 +1,234 @@
+"""Load a causal LM and its tokenizer from a local folder, the local hub cache, or a from-scratch preset.
+
+Nothing here downloads: hub ids resolve from the local cache only. Pickle weights are refused unless
+the caller opts in, and remote code runs only when asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from .presets import PRESETS, preset_config
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class LoadedModel:
+    """What `load_model` resolved: handy for `info` and for provenance."""
+
+    source: str
+    kind: str  # "folder", "hub-cache" or "preset"
+    folder: Path | None
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars and advisory warnings; our own progress is shown instead."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def default_device() -> str:
+    """`cuda` when a GPU is visible, else `cpu`."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str):
+    """fp32 on CPU (exact and batch-invariant); bf16 on GPUs that support it, else fp16."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_dtype(dtype):
+    """Accept a torch dtype or a name (`float32`, `fp32`, `bf16`, `float16`, ...)."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+    if str(dtype) not in names:
+        raise UserError(f"unknown dtype {dtype!r}; use one of: {', '.join(names)}")
+    return names[str(dtype)]
+
+
+def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    """Load a fast tokenizer from a folder and make it ready for batched decoding (left padding, a pad id)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(
+            f"tokenizer folder {str(folder)!r} does not exist; "
+            "create one with `aitextgen-batch train-tokenizer` or pass a model folder"
+        )
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise UserError(
+            f"{str(folder)!r} holds no tokenizer (tokenizer.json); create one with `aitextgen-batch train-tokenizer`"
+        )
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    return prepare_tokenizer(tok)
+
+
+def prepare_tokenizer(tok):
+    """Left padding and a pad token: a tokenizer without one pads with eos (masked out anyway)."""
+    if not getattr(tok, "is_fast", False):
+        raise UserError("only fast (Rust `tokenizers`) tokenizers are supported; save yours with tokenizer.json")
+    tok.padding_side = "left"
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _check_vocab(model, tok, where: str) -> None:
+    n_embed = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > n_embed:
+        raise UserError(
+            f"{where}: the tokenizer has {len(tok)} tokens but the model's embedding has only "
+            f"{n_embed} rows; use the tokenizer the model was trained with "
+            "(or re-create the model with `aitextgen-batch init-model --tokenizer DIR`)"
+        )
+
+
+def _folder_weights(folder: Path, allow_pickle: bool) -> None:
+    if any((folder / f).exists() for f in WEIGHT_FILES) or list(folder.glob("*.safetensors")):
+        return
+    if any((folder / f).exists() for f in PICKLE_FILES):
+        if allow_pickle:
+            return
+        raise UserError(
+            f"{str(folder)!r} has only pickle weights (pytorch_model.bin), which can run arbitrary "
+            "code when loaded; convert them to safetensors (model.save_pretrained(dir)) or pass "
+            "--allow-pickle / allow_pickle=True if you trust the file"
+        )
+    raise UserError(
+        f"{str(folder)!r} has a config but no weights (model.safetensors); "
+        "save the model with save_pretrained or create one with `aitextgen-batch init-model`"
+    )
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else with slashes or a leading `.`/`~` is a path."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith("/") or "\\" in source
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local cache folder of hub id `repo_id`, without network."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as exc:  # any miss: not cached, bad id, no hub package
+        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        raise UserError(
+            f"{repo_id!r} is not a local folder, a preset ({', '.join(PRESETS)}), or a hub id in the local "
+            f"Hugging Face cache ({cache}). "
+            "aitextgen-batch never downloads at run time: pre-download it on a machine with network "
+            f"(`hf download {repo_id}`) and copy the cache, or pass a local model folder. ({type(exc).__name__})"
+        ) from None
+
+
+def resolve_source(source: str) -> LoadedModel:
+    """Decide what `source` names: an existing folder, a preset, or a cached hub id."""
+    source = str(source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"{source!r} is a folder but has no config.json: not a Hugging Face model folder")
+        return LoadedModel(source, "folder", path)
+    if path.exists():
+        raise UserError(f"{source!r} is a file; pass the model folder that holds config.json and the weights")
+    if source in PRESETS:
+        return LoadedModel(source, "preset", None)
+    if _looks_like_path(source):
+        raise UserError(f"model folder {source!r} does not exist")
+    return LoadedModel(source, "hub-cache", _hub_snapshot(source))
+
+
+def load_model(
+    source: str,
+    device: str | None = None,
+    dtype=None,
+    *,
+    tokenizer: str | Path | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    attn_implementation: str | None = None,
+    seed: int = 0,
+):
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        source: a local Hugging Face folder (config + safetensors + tokenizer), a hub id already in the
+            local cache, or a preset name (`tiny`, `small`, `gpt2-124m`, ...) built from scratch.
+        device: `cuda`, `cpu`, `cuda:1`...; default CUDA when available.
+        dtype: torch dtype or name; default fp32 on CPU, bf16/fp16 on GPU.
+        tokenizer: tokenizer folder; required for presets, overrides the model folder's own otherwise.
+        trust_remote_code: run model code shipped with the weights (off unless asked).
+        allow_pickle: accept `pytorch_model.bin` weights (pickle) when no safetensors exist.
+        attn_implementation: `eager`, `sdpa`, ... (the engine asks for `eager`: it is batch-invariant).
+        seed: weight-init seed for presets.
+
+    Returns:
+        (model, tokenizer), the model in eval mode on `device`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    resolved = resolve_source(source)
+    device = device or default_device()
+    dtype = resolve_dtype(dtype) or default_dtype(device)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+
+    if resolved.kind == "preset":
+        if tokenizer is None:
+            raise UserError(
+                f"preset {source!r} needs a tokenizer: pass --tokenizer DIR "
+                "(make one with `aitextgen-batch train-tokenizer`)"
+            )
+        tok = load_tokenizer(tokenizer)
+        config = preset_config(source, tok)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, **extra)
+    else:
+        folder = resolved.folder
+        _folder_weights(folder, allow_pickle)
+        tok_dir = Path(tokenizer) if tokenizer is not None else folder
+        tok = load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder),
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                local_files_only=True,
+                use_safetensors=not allow_pickle or None,
+                **extra,
+            )
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                msg = f"{source!r} needs its own model code; pass --trust-remote-code if you trust it"
+                raise UserError(msg) from None
+            raise
+        _check_vocab(model, tok, source)
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    return model, tok

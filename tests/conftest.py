@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny tokenizer and tiny models built from config in a temp dir, with no network."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jovial "
+    "zebras and music plays in the garden of stars near old river stones"
+).split()
+
+
+def make_corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
+    """Deterministic English-like lines for tokenizer and dataset tests."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))).capitalize() + "." for _ in range(n_lines)]
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(make_corpus()) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus_file):
+    from aitextgen_batch.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer([corpus_file], vocab_size=400, output=out, min_frequency=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    from aitextgen_batch.tokenizer import init_model
+
+    out = tmp_path_factory.mktemp("models") / "tiny-gpt2"
+    init_model("tiny", tokenizer_dir, out, seed=0)
+    return out

@@ -1,0 +1,168 @@
+"""Model/tokenizer loading: every source kind, round trips, fingerprints and every error message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from aitextgen_batch.errors import UserError
+from aitextgen_batch.models import load_model, load_tokenizer, model_fingerprint, resolve_source
+from aitextgen_batch.tokenizer import init_model, train_tokenizer
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_import_is_cheap():
+    code = "import sys, aitextgen_batch, aitextgen_batch.cli; print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_tokenizer_folder_special_tokens_and_round_trip(tokenizer_dir, tmp_path):
+    tok = load_tokenizer(tokenizer_dir)
+    assert 300 < len(tok) <= 400
+    assert tok.eos_token == tok.bos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
+    assert tok.eos_token_id != tok.pad_token_id
+    assert tok.padding_side == "left"
+    text = "The quick brown fox jumps over the lazy dog. Zebras!"
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text
+    tok.save_pretrained(tmp_path)
+    assert load_tokenizer(tmp_path)(text)["input_ids"] == ids
+
+
+def test_folder_round_trip_identical_weights(tokenizer_dir, tiny_model_dir):
+    fresh, tok = load_model("tiny", device="cpu", tokenizer=tokenizer_dir, seed=0)
+    loaded, tok2 = load_model(str(tiny_model_dir), device="cpu")
+    a, b = _state(fresh), _state(loaded)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.config.vocab_size == len(tok2) == len(tok)
+    assert (loaded.config.eos_token_id, loaded.config.pad_token_id) == (tok2.eos_token_id, tok2.pad_token_id)
+    assert resolve_source(str(tiny_model_dir)).kind == "folder"
+    # Same weights, config and tokenizer: the same fingerprint in memory and from the files.
+    assert model_fingerprint(fresh, tok) == model_fingerprint(loaded, tok2, tiny_model_dir)
+
+
+def test_preset_seed_changes_weights_and_fingerprint(tokenizer_dir):
+    m0, tok = load_model("tiny", device="cpu", tokenizer=tokenizer_dir, seed=0)
+    m1, _ = load_model("tiny", device="cpu", tokenizer=tokenizer_dir, seed=1)
+    assert model_fingerprint(m0, tok) != model_fingerprint(m1, tok)
+    assert model_fingerprint(m0, tok).startswith("sha256:")
+
+
+def test_fingerprint_sees_tokenizer_change(tiny_model_dir, tmp_path):
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    other = train_tokenizer(
+        texts=["completely different text here"] * 50, vocab_size=300, output=tmp_path / "t2", min_frequency=1
+    )
+    assert model_fingerprint(model, tok) != model_fingerprint(model, other)
+
+
+def test_other_architecture_llama(tokenizer_dir, tmp_path):
+    out = init_model("llama-tiny", tokenizer_dir, tmp_path / "llama")
+    model, tok = load_model(str(out), device="cpu", dtype="float32")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    ids = torch.tensor([tok("the fox")["input_ids"]])
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
+
+
+def test_hub_cache_source(tiny_model_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny"
+    snap = repo / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_model_dir, snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    model, tok = load_model("acme/tiny", device="cpu")
+    assert resolve_source("acme/tiny").kind == "hub-cache"
+    assert model.config.vocab_size == len(tok)
+
+
+def test_error_missing_folder():
+    with pytest.raises(UserError, match=r"model folder './no/such/model' does not exist"):
+        load_model("./no/such/model")
+
+
+def test_error_folder_without_weights(tiny_model_dir, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(UserError, match=r"has a config but no weights \(model.safetensors\)"):
+        load_model(str(tmp_path))
+
+
+def test_error_folder_without_config(tmp_path):
+    with pytest.raises(UserError, match="has no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_pickle_only_weights_refused_unless_opted_in(tiny_model_dir, tmp_path):
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    model.save_pretrained(tmp_path, safe_serialization=False) if _save_takes_safe() else _save_bin(model, tmp_path)
+    tok.save_pretrained(tmp_path)
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    assert (tmp_path / "pytorch_model.bin").exists()
+    with pytest.raises(UserError, match=r"only pickle weights \(pytorch_model.bin\).*--allow-pickle"):
+        load_model(str(tmp_path))
+    loaded, _ = load_model(str(tmp_path), device="cpu", allow_pickle=True)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def _save_takes_safe() -> bool:
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    return "safe_serialization" in inspect.signature(PreTrainedModel.save_pretrained).parameters
+
+
+def _save_bin(model, path):
+    model.config.save_pretrained(path)
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+
+
+def test_error_vocab_mismatch(tiny_model_dir, tmp_path):
+    big = train_tokenizer(
+        texts=[f"word{i} " * 3 for i in range(3000)], vocab_size=1000, output=tmp_path / "big", min_frequency=1
+    )
+    assert len(big) > 420
+    with pytest.raises(UserError, match=r"the tokenizer has \d+ tokens but the model's embedding has only \d+ rows"):
+        load_model(str(tiny_model_dir), tokenizer=tmp_path / "big")
+
+
+def test_error_unknown_preset_and_preset_without_tokenizer(tokenizer_dir):
+    with pytest.raises(UserError, match="is not a local folder, a preset"):
+        load_model("gpt9-huge", tokenizer=tokenizer_dir)
+    with pytest.raises(UserError, match="preset 'tiny' needs a tokenizer"):
+        load_model("tiny")
+
+
+def test_error_offline_hub_id(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match=r"never downloads at run time.*hf download openai-community/gpt2"):
+        load_model("openai-community/gpt2")
+
+
+def test_trust_remote_code_off_by_default(tiny_model_dir, tmp_path):
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["model_type"] = "custom-thing"
+    cfg["auto_map"] = {
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForCausalLM": "modeling_custom.CustomModel",
+    }
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="--trust-remote-code"):
+        load_model(str(tmp_path / "m"))
