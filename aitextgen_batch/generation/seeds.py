@@ -1,0 +1,53 @@
+"""Stable seeds and per-item random numbers.
+
+Every random number an item uses is a pure function of (its seed, the attempt, the decoding step), so an
+item's text cannot depend on what else is in the batch. Nothing here uses Python's `hash()` (salted per
+process) or a generator shared by the batch.
+
+- `derive_seed(job_seed, item_id, sample_index)`: the first 8 bytes (big-endian) of
+  sha256("aitextgen-batch/seed/v1|" + json(job_seed) + "|" + json(item_id) + "|" + str(sample_index)),
+  masked to 63 bits. `json` is `json.dumps(..., sort_keys=True)`, so the ids `7` and `"7"` differ.
+- `sample_seed(seed, k)`: sample 0 of an item uses the item's seed itself; sample k > 0 uses
+  `derive_seed(seed, "sample", k)`.
+- `uniform(seed, attempt, step)`: splitmix64 applied to the seed, then mixed with the attempt and the step;
+  the top 53 bits give a float in [0, 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+MASK64 = (1 << 64) - 1
+SEED_MAX = (1 << 63) - 1
+
+
+def derive_seed(job_seed: int, item_id, sample_index: int = 0) -> int:
+    """The documented, stable seed of (job seed, item id, sample index): same in every process and version."""
+    blob = "|".join(
+        ["aitextgen-batch/seed/v1", json.dumps(job_seed), json.dumps(item_id, sort_keys=True), str(int(sample_index))]
+    )
+    return int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big") & SEED_MAX
+
+
+def sample_seed(seed: int, sample_index: int) -> int:
+    """Seed of sample `sample_index` of an item whose seed is `seed` (sample 0 keeps the item's seed)."""
+    return int(seed) if sample_index == 0 else derive_seed(int(seed), "sample", sample_index)
+
+
+def splitmix64(x: int) -> int:
+    """One round of splitmix64 (Steele, Lea & Flood 2014): a bijective 64-bit mixer."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def stream_key(seed: int, attempt: int = 0) -> int:
+    """Key of an item's random stream for one attempt (attempts > 0 re-draw empty outputs)."""
+    return splitmix64(splitmix64(int(seed) & MASK64) ^ splitmix64(attempt))
+
+
+def uniform(key: int, step: int) -> float:
+    """The item's uniform draw in [0, 1) at decoding step `step`."""
+    return (splitmix64(key ^ splitmix64(step + 0x5EED)) >> 11) * (1.0 / (1 << 53))
