@@ -17,6 +17,10 @@ _LAZY = {
     "train_tokenizer": "aitextgen_batch.tokenizer",
     "init_model": "aitextgen_batch.tokenizer",
     "UserError": "aitextgen_batch.errors",
+    "Engine": "aitextgen_batch.generation.engine",
+    "GenerationResult": "aitextgen_batch.generation.engine",
+    "SamplingParams": "aitextgen_batch.generation.params",
+    "derive_seed": "aitextgen_batch.generation.seeds",
 }
 
 __all__ = sorted(_LAZY)

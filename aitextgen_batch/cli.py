@@ -33,8 +33,15 @@ def _info(cfg) -> int:
     return 0
 
 
+def _replay(cfg) -> int:
+    from .generation.options import run_replay
+
+    return run_replay(cfg)
+
+
 def _commands():
     """name -> (config dataclass, handler). Imports stay light: configs import no torch."""
+    from .generation.options import ReplayConfig
     from .models.info import InfoConfig
     from .tokenizer import InitModelConfig, TrainTokenizerConfig
 
@@ -42,6 +49,7 @@ def _commands():
         "train-tokenizer": (TrainTokenizerConfig, _train_tokenizer),
         "init-model": (InitModelConfig, _init_model),
         "info": (InfoConfig, _info),
+        "replay": (ReplayConfig, _replay),
     }
 
 
@@ -57,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name, (cls, _) in _commands().items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        p = sub.add_parser(name, help=doc, description=doc)
+        p = sub.add_parser(name, help=doc, description=doc, usage=f"%(prog)s [options]  (see: {name} --help)")
         p.add_argument(
             "--config",
             action="append",

@@ -15,6 +15,7 @@ result is byte-identical alone, in any batch size, order or subset.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -88,6 +89,10 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._torch = torch
+        forward_args = inspect.signature(model.forward).parameters
+        # transformers 5.24 renamed `past_key_values` to `cache`; remote-code models may still use the old name.
+        self._cache_kw = "cache" if "cache" in forward_args else "past_key_values"
+        self._keeps_logits = "logits_to_keep" in forward_args or "kwargs" in forward_args
 
     @classmethod
     def from_pretrained(
@@ -117,8 +122,15 @@ class Engine:
 
         if threads:
             torch.set_num_threads(int(threads))
-        model, tok = load_model(source, device=device, dtype=dtype, tokenizer=tokenizer, attn_implementation="eager",
-                                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        model, tok = load_model(
+            source,
+            device=device,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            attn_implementation="eager",
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+        )
         return cls(model, tok, slots=slots, source=str(source), folder=resolve_source(source).folder)
 
     @property
@@ -132,8 +144,13 @@ class Engine:
 
     def describe(self) -> dict:
         """What determines this engine's numerics, for manifests and replay."""
-        return {"source": self.source, "fingerprint": self.fingerprint, "device": self.device.type,
-                "dtype": str(self.dtype).removeprefix("torch."), "slots": self.slots}
+        return {
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "device": self.device.type,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "slots": self.slots,
+        }
 
     # ---------------------------------------------------------------- encoding
 
@@ -156,15 +173,25 @@ class Engine:
             if params.prepend_bos or not ids:
                 ids = [self.bos_id] + ids
             if limit < 1:
-                out.append((None, f"max_new_tokens={params.max_new_tokens} leaves no room for a prompt in the "
-                                  f"model's context of {self.context_length} tokens; lower --max-new-tokens"))
+                out.append(
+                    (
+                        None,
+                        f"max_new_tokens={params.max_new_tokens} leaves no room for a prompt in the "
+                        f"model's context of {self.context_length} tokens; lower --max-new-tokens",
+                    )
+                )
             elif len(ids) > limit:
                 if params.truncate == "left":
                     ids = ids[-limit:]
                 else:
-                    out.append((None, f"prompt has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} "
-                                      f"it exceeds the model's context of {self.context_length}: shorten it, lower "
-                                      "--max-new-tokens, or pass --truncate left"))
+                    out.append(
+                        (
+                            None,
+                            f"prompt has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} "
+                            f"it exceeds the model's context of {self.context_length}: shorten it, lower "
+                            "--max-new-tokens, or pass --truncate left",
+                        )
+                    )
                     continue
                 out.append((ids, None))
             else:
@@ -219,8 +246,12 @@ class Engine:
                 for block, bucket in self._blocks(pending, params):
                     tokens += self._run_block(block, bucket, params)
                     for w in block:
-                        if params.nonempty_output and not w.result.text.strip() and w.attempt + 1 < MAX_ATTEMPTS \
-                                and w.result.finish_reason != "error":
+                        if (
+                            params.nonempty_output
+                            and not w.result.text.strip()
+                            and w.attempt + 1 < MAX_ATTEMPTS
+                            and w.result.finish_reason != "error"
+                        ):
                             w.attempt += 1
                             redo.append(w)
                         else:
@@ -241,17 +272,21 @@ class Engine:
                 yield ws[s : s + self.slots], bucket
 
     def _forward(self, ids, mask, pos, cache):
-        try:
-            return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                              use_cache=True, logits_to_keep=1).logits[:, -1, :]
-        except TypeError:  # models without logits_to_keep
-            return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                              use_cache=True).logits[:, -1, :]
+        kwargs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": pos,
+            self._cache_kw: cache,
+            "use_cache": True,
+        }
+        if self._keeps_logits:  # compute the vocabulary projection for the last position only
+            kwargs["logits_to_keep"] = 1
+        return self.model(**kwargs).logits[:, -1, :]
 
     def _run_block(self, block: list[_Work], bucket: int, params: SamplingParams) -> int:
         """Decode one fixed-shape block of `slots` rows; fills each row's result. Returns tokens generated."""
         torch = self._torch
-        from transformers import DynamicCache
+        from transformers import StaticCache
 
         n, rows = len(block), self.slots
         ids = np.full((rows, bucket), self.pad_id, dtype=np.int64)
@@ -273,7 +308,8 @@ class Engine:
         next_pos = pos[:, -1] + 1
         dev = self.device
         t_ids, t_mask = torch.from_numpy(ids).to(dev), torch.from_numpy(mask).to(dev)
-        cache = DynamicCache()
+        # A preallocated cache: no per-step concatenation, and its length depends on the row's bucket only.
+        cache = StaticCache(config=self.model.config, max_cache_len=bucket + params.max_new_tokens)
         generated = 0
         with torch.inference_mode():
             logits = self._forward(t_ids, t_mask, torch.from_numpy(pos).to(dev), cache)

@@ -63,15 +63,21 @@ def choose_tokens(
     if params.greedy:
         return np.argmax(lg, axis=1)
     lg = lg / params.temperature
+    ids = None
     if 0 < params.top_k < lg.shape[1]:
-        lg = np.where(_top_k_mask(lg, params.top_k), lg, -np.inf)
+        # Keep only the k candidates (in token-id order, as np.nonzero lists them): the rest of the
+        # work runs on (rows, k) instead of (rows, vocab) and gives the same draw.
+        keep = _top_k_mask(lg, params.top_k)
+        ids = np.nonzero(keep)[1].reshape(lg.shape[0], params.top_k)
+        lg = np.take_along_axis(lg, ids, axis=1)
     if params.top_p < 1.0:
         lg = np.where(_top_p_mask(lg, params.top_p), lg, -np.inf)
     probs = np.exp(lg - lg.max(axis=1, keepdims=True))
     cum = np.cumsum(probs, axis=1)
     threshold = uniforms[:, None] * cum[:, -1:]
     # The first index whose cumulative mass passes the threshold always has non-zero probability.
-    return np.argmax(cum > threshold, axis=1)
+    pick = np.argmax(cum > threshold, axis=1)
+    return pick if ids is None else ids[np.arange(len(pick)), pick]
 
 
 def softmax_reference(logits: np.ndarray, params: SamplingParams) -> np.ndarray:

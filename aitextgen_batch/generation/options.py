@@ -1,0 +1,89 @@
+"""Config dataclasses of the generation commands (engine options, replay)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import check, check_range
+from .params import SamplingParams
+
+
+@dataclass
+class EngineConfig:
+    """Which model to load and how to run it."""
+
+    model: str = field(default="", metadata={"help": "model folder, cached hub id, or preset (with --tokenizer)"})
+    tokenizer: Path | None = field(default=None, metadata={"help": "tokenizer folder (presets; else the model's)"})
+    device: str | None = field(default=None, metadata={"help": "cuda, cpu, cuda:1... (default: cuda if available)"})
+    dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, float16 (default per device)"})
+    slots: int | None = field(
+        default=None, metadata={"help": "rows per forward pass (fixed shape; part of the numerics), >= 2"}
+    )
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads, >= 1"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run model code shipped with the weights"})
+    allow_pickle: bool = field(default=False, metadata={"help": "accept pytorch_model.bin (pickle) weights"})
+
+    def __post_init__(self):
+        check(bool(self.model), "model", "is required: a model folder, cached hub id or preset")
+        if self.slots is not None:
+            check_range("slots", self.slots, 2)
+        if self.threads is not None:
+            check_range("threads", self.threads, 1)
+        if self.dtype is not None:
+            allowed = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+            check(self.dtype in allowed, "dtype", f"must be one of {', '.join(allowed)}", self.dtype)
+
+    def build(self):
+        """Load the engine these options describe."""
+        from .engine import Engine
+
+        return Engine.from_pretrained(
+            self.model,
+            self.device,
+            self.dtype,
+            slots=self.slots,
+            threads=self.threads,
+            tokenizer=self.tokenizer,
+            trust_remote_code=self.trust_remote_code,
+            allow_pickle=self.allow_pickle,
+        )
+
+
+@dataclass
+class ReplayConfig:
+    """Regenerate one item from its prompt and seed and print its text."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    prompt: str | None = field(default=None, metadata={"help": "the item's prompt"})
+    seed: int | None = field(default=None, metadata={"help": "the item's seed"})
+    sample_index: int = field(default=0, metadata={"help": "which sample of the item (its seed is derived), >= 0"})
+    json: bool = field(default=False, metadata={"help": "print the whole result as JSON instead of the text"})
+
+    def __post_init__(self):
+        check(self.prompt is not None, "prompt", "is required")
+        check(self.seed is not None, "seed", "is required")
+        check_range("sample_index", self.sample_index, 0)
+
+
+def run_replay(cfg: ReplayConfig) -> int:
+    """Print the item's text (or JSON result); exit 1 when the item ends in an error."""
+    import dataclasses
+    import json
+
+    from .seeds import sample_seed
+
+    engine = cfg.engine.build()
+    params = dataclasses.replace(cfg.sampling, num_return_sequences=1)
+    result = engine.generate([cfg.prompt], [sample_seed(cfg.seed, cfg.sample_index)], params, batch_size=1)[0]
+    result.sample_index = cfg.sample_index
+    if cfg.json:
+        out = dataclasses.asdict(result)
+        out["seed"] = result.seed
+        print(json.dumps(out, ensure_ascii=False))
+    elif result.error:
+        print(f"error: {result.error}")
+    else:
+        print(result.text)
+    return 1 if result.error else 0
