@@ -159,3 +159,13 @@ def to_dict(cfg) -> dict[str, Any]:
         return v
 
     return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def build_config(cls, options: dict[str, Any]):
+    """Construct `cls` from flat keyword options (the CLI flags with underscores); unknown names are errors."""
+    known = {f.name for f, _ in _fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UserError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return _build(cls, {k: (str(v) if isinstance(v, Path) and k in ("input", "output", "model") else v)
+                        for k, v in options.items()})

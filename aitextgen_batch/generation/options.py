@@ -25,7 +25,6 @@ class EngineConfig:
     allow_pickle: bool = field(default=False, metadata={"help": "accept pytorch_model.bin (pickle) weights"})
 
     def __post_init__(self):
-        check(bool(self.model), "model", "is required: a model folder, cached hub id or preset")
         if self.slots is not None:
             check_range("slots", self.slots, 2)
         if self.threads is not None:
@@ -38,6 +37,7 @@ class EngineConfig:
         """Load the engine these options describe."""
         from .engine import Engine
 
+        check(bool(self.model), "model", "is required: a model folder, cached hub id or preset")
         return Engine.from_pretrained(
             self.model,
             self.device,
