@@ -21,6 +21,8 @@ _LAZY = {
     "GenerationResult": "aitextgen_batch.generation.engine",
     "SamplingParams": "aitextgen_batch.generation.params",
     "derive_seed": "aitextgen_batch.generation.seeds",
+    "TokenDataset": "aitextgen_batch.data",
+    "generate_dataset": "aitextgen_batch.batch.api",
 }
 
 __all__ = sorted(_LAZY)

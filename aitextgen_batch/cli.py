@@ -27,7 +27,11 @@ def _init_model(cfg) -> int:
 
 
 def _info(cfg) -> int:
+    from .data.commands import is_token_cache, run_cache_info
     from .models.info import model_info, print_table
+
+    if is_token_cache(cfg.source):
+        return run_cache_info(cfg.source)
 
     print_table(model_info(cfg.source, cfg.tokenizer, cfg.trust_remote_code, cfg.allow_pickle))
     return 0
@@ -39,8 +43,24 @@ def _replay(cfg) -> int:
     return run_replay(cfg)
 
 
+def _generate(cfg) -> int:
+    from .batch.api import generate_dataset
+
+    summary = generate_dataset(cfg)
+    return 0 if summary["status"] == "complete" else 1
+
+
+def _verify(cfg) -> int:
+    from .batch.verify import run_verify
+
+    return run_verify(cfg)
+
+
 def _commands():
     """name -> (config dataclass, handler). Imports stay light: configs import no torch."""
+    from .batch.api import GenerateConfig
+    from .batch.verify import VerifyConfig
+    from .data.commands import PrepareConfig, run_prepare
     from .generation.options import ReplayConfig
     from .models.info import InfoConfig
     from .tokenizer import InitModelConfig, TrainTokenizerConfig
@@ -49,7 +69,10 @@ def _commands():
         "train-tokenizer": (TrainTokenizerConfig, _train_tokenizer),
         "init-model": (InitModelConfig, _init_model),
         "info": (InfoConfig, _info),
+        "generate": (GenerateConfig, _generate),
         "replay": (ReplayConfig, _replay),
+        "verify": (VerifyConfig, _verify),
+        "prepare": (PrepareConfig, run_prepare),
     }
 
 

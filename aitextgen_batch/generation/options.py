@@ -52,36 +52,54 @@ class EngineConfig:
 
 @dataclass
 class ReplayConfig:
-    """Regenerate one item from its prompt and seed and print its text."""
+    """Regenerate one item (from a prompt and seed, or a row of a job's output) and print its text."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     prompt: str | None = field(default=None, metadata={"help": "the item's prompt"})
     seed: int | None = field(default=None, metadata={"help": "the item's seed"})
-    sample_index: int = field(default=0, metadata={"help": "which sample of the item (its seed is derived), >= 0"})
+    output: str | None = field(default=None, metadata={"help": "a generate job's output folder (with --id)"})
+    id: str | None = field(default=None, metadata={"help": "the row's id in --output"})
+    sample_index: int = field(default=0, metadata={"help": "which sample of the item, >= 0"})
     json: bool = field(default=False, metadata={"help": "print the whole result as JSON instead of the text"})
 
     def __post_init__(self):
-        check(self.prompt is not None, "prompt", "is required")
-        check(self.seed is not None, "seed", "is required")
+        if self.output is None:
+            check(self.prompt is not None, "prompt", "is required (or pass --output OUT --id X)")
+            check(self.seed is not None, "seed", "is required (or pass --output OUT --id X)")
+        else:
+            check(self.id is not None, "id", "is required with --output")
         check_range("sample_index", self.sample_index, 0)
 
 
 def run_replay(cfg: ReplayConfig) -> int:
-    """Print the item's text (or JSON result); exit 1 when the item ends in an error."""
+    """Print the item's text (or JSON); from a job row, also whether it matches; exit 1 on error or mismatch."""
     import dataclasses
     import json
 
     from .seeds import sample_seed
 
+    if cfg.output is not None:
+        from ..batch.verify import replay_row
+
+        row, res, match = replay_row(cfg.output, cfg.id, cfg.sample_index, cfg.engine.model or None,
+                                     cfg.engine.threads)
+        if res is None:
+            print(f"row {cfg.id!r} sample {cfg.sample_index} is an error row: {row['error']}")
+            return 0
+        if cfg.json:
+            print(json.dumps({"stored": row, "replayed": dataclasses.asdict(res), "match": match},
+                             ensure_ascii=False, default=str))
+        else:
+            print(res.text)
+            print(f"-- {'MATCH: byte-identical to' if match else 'MISMATCH with'} the stored row", flush=True)
+        return 0 if match else 1
     engine = cfg.engine.build()
     params = dataclasses.replace(cfg.sampling, num_return_sequences=1)
     result = engine.generate([cfg.prompt], [sample_seed(cfg.seed, cfg.sample_index)], params, batch_size=1)[0]
     result.sample_index = cfg.sample_index
     if cfg.json:
-        out = dataclasses.asdict(result)
-        out["seed"] = result.seed
-        print(json.dumps(out, ensure_ascii=False))
+        print(json.dumps(dataclasses.asdict(result), ensure_ascii=False))
     elif result.error:
         print(f"error: {result.error}")
     else:
