@@ -167,5 +167,7 @@ def build_config(cls, options: dict[str, Any]):
     unknown = sorted(set(options) - known)
     if unknown:
         raise UserError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return _build(cls, {k: (str(v) if isinstance(v, Path) and k in ("input", "output", "model") else v)
-                        for k, v in options.items()})
+    return _build(
+        cls,
+        {k: (str(v) if isinstance(v, Path) and k in ("input", "output", "model") else v) for k, v in options.items()},
+    )

@@ -54,8 +54,17 @@ class GenerateConfig:
             check_range("gpus_per_actor", self.gpus_per_actor, 0)
         if isinstance(self.keep_columns, str):
             self.keep_columns = [self.keep_columns]
-        reserved = {"id", "sample_index", "prompt", "seed", "text", "num_prompt_tokens", "num_generated_tokens",
-                    "finish_reason", "error"}
+        reserved = {
+            "id",
+            "sample_index",
+            "prompt",
+            "seed",
+            "text",
+            "num_prompt_tokens",
+            "num_generated_tokens",
+            "finish_reason",
+            "error",
+        }
         clash = sorted(set(self.keep_columns) & reserved)
         check(not clash, "keep_columns", f"cannot keep {clash}: those names are output columns", self.keep_columns)
 
@@ -104,19 +113,27 @@ def _build_job(cfg: GenerateConfig, device: str) -> dict:
     from .plan import plan_shards
 
     id_col = cfg.id_column
-    files, types, has_id, id_type = validate_inputs(cfg.input, cfg.prompt_column, id_col, cfg.seed_column,
-                                                    cfg.keep_columns)
+    files, types, has_id, id_type = validate_inputs(
+        cfg.input, cfg.prompt_column, id_col, cfg.seed_column, cfg.keep_columns
+    )
     e = cfg.engine
     check(bool(e.model), "model", "is required: a model folder, cached hub id or preset")
     fingerprint = fingerprint_source(e.model, e.tokenizer, e.trust_remote_code)
-    numerics = {"device": device, "dtype": e.dtype or ("float32" if device == "cpu" else "bfloat16"),
-                "slots": e.slots or DEFAULT_SLOTS[device]}
+    numerics = {
+        "device": device,
+        "dtype": e.dtype or ("float32" if device == "cpu" else "bfloat16"),
+        "slots": e.slots or DEFAULT_SLOTS[device],
+    }
     identity = {
         "model_fingerprint": fingerprint,
         "sampling": to_dict(cfg.sampling),
         "job_seed": cfg.seed,
-        "columns": {"prompt": cfg.prompt_column, "id": id_col if has_id else None, "seed": cfg.seed_column,
-                    "keep": list(cfg.keep_columns)},
+        "columns": {
+            "prompt": cfg.prompt_column,
+            "id": id_col if has_id else None,
+            "seed": cfg.seed_column,
+            "keep": list(cfg.keep_columns),
+        },
         "inputs": [[f.name, f.rows] for f in files],
         "shard_rows": cfg.shard_rows,
         "engine": numerics,
@@ -126,8 +143,12 @@ def _build_job(cfg: GenerateConfig, device: str) -> dict:
         "format": mf.FORMAT,
         "identity": identity,
         "output": str(Path(cfg.output).resolve()),
-        "model": {"source": e.model, "tokenizer": str(e.tokenizer) if e.tokenizer else None,
-                  "trust_remote_code": e.trust_remote_code, "allow_pickle": e.allow_pickle},
+        "model": {
+            "source": e.model,
+            "tokenizer": str(e.tokenizer) if e.tokenizer else None,
+            "trust_remote_code": e.trust_remote_code,
+            "allow_pickle": e.allow_pickle,
+        },
         "files": [dataclasses.asdict(f) for f in files],
         "has_id": has_id,
         "id_type": id_type,
@@ -140,9 +161,16 @@ def _build_job(cfg: GenerateConfig, device: str) -> dict:
 def engine_options(job: dict, threads: int | None = None) -> dict:
     """EngineConfig fields that rebuild the job's engine exactly (same model, dtype, device, slots)."""
     m, num = job["model"], job["identity"]["engine"]
-    return {"model": m["source"], "tokenizer": m["tokenizer"], "device": num["device"], "dtype": num["dtype"],
-            "slots": num["slots"], "threads": threads, "trust_remote_code": m["trust_remote_code"],
-            "allow_pickle": m["allow_pickle"]}
+    return {
+        "model": m["source"],
+        "tokenizer": m["tokenizer"],
+        "device": num["device"],
+        "dtype": num["dtype"],
+        "slots": num["slots"],
+        "threads": threads,
+        "trust_remote_code": m["trust_remote_code"],
+        "allow_pickle": m["allow_pickle"],
+    }
 
 
 def generate_dataset(config: GenerateConfig | None = None, **options) -> dict:
@@ -200,6 +228,7 @@ def _run(cfg: GenerateConfig) -> dict:
     stats = {"actor_restarts": 0, "retries": 0}
     with progress:
         if pending:
+
             def done(rec):
                 records[rec["shard"]] = rec
                 progress.shard_done(rec)
@@ -215,9 +244,20 @@ def _run(cfg: GenerateConfig) -> dict:
 def _dispatch(job, pending, cfg, n_actors, cpa, gpa, threads, done, fail, tick):
     from .runner import run_shards
 
-    return run_shards(job, pending, engine_options=engine_options(job, threads), num_actors=n_actors,
-                      cpus_per_actor=cpa, gpus_per_actor=gpa, threads=threads, batch_size=cfg.batch_size,
-                      max_attempts=cfg.max_shard_attempts, on_done=done, on_fail=fail, on_tick=tick)
+    return run_shards(
+        job,
+        pending,
+        engine_options=engine_options(job, threads),
+        num_actors=n_actors,
+        cpus_per_actor=cpa,
+        gpus_per_actor=gpa,
+        threads=threads,
+        batch_size=cfg.batch_size,
+        max_attempts=cfg.max_shard_attempts,
+        on_done=done,
+        on_fail=fail,
+        on_tick=tick,
+    )
 
 
 def _finish(job, out, records, failed, skipped, stats, t0, n_actors, progress) -> dict:

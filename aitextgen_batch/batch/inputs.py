@@ -48,8 +48,9 @@ def _open(path: str):
     try:
         return pq.ParquetFile(path)
     except Exception as exc:
-        raise UserError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}); "
-                        "fix or remove it from --input") from None
+        raise UserError(
+            f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}); fix or remove it from --input"
+        ) from None
 
 
 def id_key(value) -> str:
@@ -57,8 +58,9 @@ def id_key(value) -> str:
     return str(value)
 
 
-def validate_inputs(spec: str, prompt_column: str, id_column: str | None, seed_column: str | None,
-                    keep_columns: list[str]):
+def validate_inputs(
+    spec: str, prompt_column: str, id_column: str | None, seed_column: str | None, keep_columns: list[str]
+):
     """Check every file and return (files, arrow schema of the id/keep columns, id type name).
 
     Checks: readable Parquet; the prompt column (and seed/keep columns) exist in every file with one type;
@@ -78,25 +80,33 @@ def validate_inputs(spec: str, prompt_column: str, id_column: str | None, seed_c
         need = [prompt_column] + ([seed_column] if seed_column else []) + list(keep_columns)
         for col in need:
             if col not in names:
-                flagname = ("--prompt-column" if col == prompt_column else
-                            "--seed-column" if col == seed_column else "--keep-columns")
-                raise UserError(f"{path}: no column {col!r} ({flagname}); its columns are: "
-                                f"{', '.join(schema.names)}")
+                flagname = (
+                    "--prompt-column"
+                    if col == prompt_column
+                    else "--seed-column"
+                    if col == seed_column
+                    else "--keep-columns"
+                )
+                raise UserError(f"{path}: no column {col!r} ({flagname}); its columns are: {', '.join(schema.names)}")
         has_id = id_column is not None and id_column in names
         if use_id is None:
             use_id = has_id
         elif use_id != has_id:
-            raise UserError(f"{path}: id column {id_column!r} is present in some input files but not in this one; "
-                            "give every file the column, or none (ids then derive from file name and row)")
+            raise UserError(
+                f"{path}: id column {id_column!r} is present in some input files but not in this one; "
+                "give every file the column, or none (ids then derive from file name and row)"
+            )
         for col in need + ([id_column] if has_id else []):
             t = schema.field(col).type
             if col in types and types[col] != t and not (_stringy(t) and _stringy(types[col])):
-                raise UserError(f"{path}: column {col!r} has type {t}, but earlier files have {types[col]}; "
-                                "make the types agree")
+                raise UserError(
+                    f"{path}: column {col!r} has type {t}, but earlier files have {types[col]}; make the types agree"
+                )
             types.setdefault(col, t)
         if seed_column and not pa.types.is_integer(types[seed_column]):
-            raise UserError(f"{path}: --seed-column {seed_column!r} must hold integers, it has type "
-                            f"{types[seed_column]}")
+            raise UserError(
+                f"{path}: --seed-column {seed_column!r} must hold integers, it has type {types[seed_column]}"
+            )
         name = os.path.relpath(path, root) if root else Path(path).name
         files.append(InputFile(path, name, pf.metadata.num_rows))
     if use_id:
@@ -114,8 +124,10 @@ def _stringy(t) -> bool:
 
 
 def _digests(values) -> np.ndarray:
-    return np.array([int.from_bytes(hashlib.blake2b(id_key(v).encode(), digest_size=8).digest(), "big")
-                     for v in values], dtype=np.uint64)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(id_key(v).encode(), digest_size=8).digest(), "big") for v in values],
+        dtype=np.uint64,
+    )
 
 
 def _check_unique_ids(files: list[InputFile], id_column: str) -> None:
@@ -144,7 +156,9 @@ def _check_unique_ids(files: list[InputFile], id_column: str) -> None:
                 if h in dup_h:
                     k = id_key(v)
                     if k in seen:
-                        raise UserError(f"duplicate id {v!r}: {seen[k][0]} row {seen[k][1]} and {f.path} row "
-                                        f"{offset + i}; ids (--id-column {id_column!r}) must be unique")
+                        raise UserError(
+                            f"duplicate id {v!r}: {seen[k][0]} row {seen[k][1]} and {f.path} row "
+                            f"{offset + i}; ids (--id-column {id_column!r}) must be unique"
+                        )
                     seen[k] = (f.path, offset + i)
             offset += len(vals)

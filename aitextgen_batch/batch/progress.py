@@ -32,13 +32,20 @@ class JobProgress:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self._progress = Progress(
-                TextColumn("[bold]generate"), BarColumn(), TextColumn("{task.completed}/{task.total} shards"),
-                TextColumn("{task.fields[rows]}"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                TextColumn("ETA"), TimeRemainingColumn(), transient=False,
+                TextColumn("[bold]generate"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} shards"),
+                TextColumn("{task.fields[rows]}"),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                transient=False,
             )
             self._progress.start()
-            self._task = self._progress.add_task("gen", total=self.total_shards, completed=self.done_shards,
-                                                 rows=self._rows_text(), rate="")
+            self._task = self._progress.add_task(
+                "gen", total=self.total_shards, completed=self.done_shards, rows=self._rows_text(), rate=""
+            )
         else:
             log.info("job: %d shards (%d already done), %d rows", self.total_shards, self.done_shards, self.total_rows)
         return self
@@ -59,12 +66,16 @@ class JobProgress:
         self.session_rows += rec["rows_in"]
         self.session_tokens += rec["tokens"]
         if self._progress:
-            self._progress.update(self._task, completed=self.done_shards, rows=self._rows_text(),
-                                  rate=self._rate_text())
+            self._progress.update(
+                self._task, completed=self.done_shards, rows=self._rows_text(), rate=self._rate_text()
+            )
         else:
-            print(f"shard {rec['shard']:05d} done: {rec['rows_out']} rows, {rec['tokens']} tokens, "
-                  f"{rec['seconds']:.1f}s ({self.done_shards}/{self.total_shards} shards, {self._rate_text()})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"shard {rec['shard']:05d} done: {rec['rows_out']} rows, {rec['tokens']} tokens, "
+                f"{rec['seconds']:.1f}s ({self.done_shards}/{self.total_shards} shards, {self._rate_text()})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def shard_failed(self, shard: int, error: str) -> None:
         msg = f"shard {shard:05d} FAILED: {error}"
@@ -80,9 +91,25 @@ class JobProgress:
     def summary(self, s: dict) -> None:
         from ..models.info import print_table
 
-        rows = {k: s[k] for k in ("status", "output", "shards", "shards_done", "shards_skipped", "shards_failed",
-                                  "rows", "error_rows", "tokens", "tokens_per_second", "seconds", "actors",
-                                  "actor_restarts", "retries")}
+        rows = {
+            k: s[k]
+            for k in (
+                "status",
+                "output",
+                "shards",
+                "shards_done",
+                "shards_skipped",
+                "shards_failed",
+                "rows",
+                "error_rows",
+                "tokens",
+                "tokens_per_second",
+                "seconds",
+                "actors",
+                "actor_restarts",
+                "retries",
+            )
+        }
         print_table(rows, title="generation summary")
         for shard, err in s.get("failed", {}).items():
             print(f"failed shard {shard}: {err}", file=sys.stderr)

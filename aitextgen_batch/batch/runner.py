@@ -28,8 +28,10 @@ class GenerationWorker:
         self.engine = EngineConfig(**engine_options).build()
         want = job["identity"]["model_fingerprint"]
         if self.engine.fingerprint != want:
-            raise RuntimeError(f"model fingerprint {self.engine.fingerprint} on this worker differs from the "
-                               f"job's {want}: the model files differ between nodes")
+            raise RuntimeError(
+                f"model fingerprint {self.engine.fingerprint} on this worker differs from the "
+                f"job's {want}: the model files differ between nodes"
+            )
 
     def run(self, shard_index: int, batch_size: int) -> dict:
         from .shard import run_shard

@@ -119,8 +119,9 @@ def run_shard(engine, job: dict, shard_index: int, batch_size: int) -> dict:
                 errors[len(items)] = err
             items.append((r, k, seed))
     todo = [i for i in range(len(items)) if i not in errors]
-    results = engine.generate([rows[cols["prompt"]][items[i][0]] for i in todo], [items[i][2] for i in todo],
-                              params, batch_size)
+    results = engine.generate(
+        [rows[cols["prompt"]][items[i][0]] for i in todo], [items[i][2] for i in todo], params, batch_size
+    )
     by_item = dict(zip(todo, results, strict=True))
 
     data: dict[str, list] = {name: [] for name in ["id"] + [f for f, _ in BASE_FIELDS] + list(cols["keep"])}
@@ -153,8 +154,16 @@ def run_shard(engine, job: dict, shard_index: int, batch_size: int) -> dict:
     tmp = tmp_path(out, final.name)
     pq.write_table(table, tmp)
     os.replace(tmp, final)
-    record = {"shard": shard_index, "file": final.name, "rows_in": n, "rows_out": table.num_rows, "tokens": tokens,
-              "errors": n_err, "seconds": round(time.perf_counter() - t0, 3), "host": socket.gethostname(),
-              "pid": os.getpid()}
+    record = {
+        "shard": shard_index,
+        "file": final.name,
+        "rows_in": n,
+        "rows_out": table.num_rows,
+        "tokens": tokens,
+        "errors": n_err,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
     write_done(out, shard_index, record)
     return record

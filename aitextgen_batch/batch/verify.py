@@ -33,8 +33,10 @@ def job_engine(job: dict, model: str | None = None, threads: int | None = None):
     engine = EngineConfig(**opts).build()
     want = job["identity"]["model_fingerprint"]
     if engine.fingerprint != want:
-        raise UserError(f"model {opts['model']!r} has fingerprint {engine.fingerprint}, but the job was made with "
-                        f"{want}; pass --model with the job's model")
+        raise UserError(
+            f"model {opts['model']!r} has fingerprint {engine.fingerprint}, but the job was made with "
+            f"{want}; pass --model with the job's model"
+        )
     return engine
 
 
@@ -47,8 +49,11 @@ def regenerate(engine, job: dict, rows: list[dict]):
 
 
 def same(row: dict, res) -> bool:
-    return (row["text"].encode() == res.text.encode() and row["finish_reason"] == res.finish_reason
-            and row["num_generated_tokens"] == res.num_generated_tokens)
+    return (
+        row["text"].encode() == res.text.encode()
+        and row["finish_reason"] == res.finish_reason
+        and row["num_generated_tokens"] == res.num_generated_tokens
+    )
 
 
 def _parts(out: Path) -> list[Path]:
@@ -66,8 +71,9 @@ def find_row(out: Path, job: dict, item_id: str, sample_index: int) -> dict:
     raise UserError(f"no row with id {item_id!r} and sample_index {sample_index} in {out}")
 
 
-def replay_row(output: str | Path, item_id: str, sample_index: int = 0, model: str | None = None,
-               threads: int | None = None):
+def replay_row(
+    output: str | Path, item_id: str, sample_index: int = 0, model: str | None = None, threads: int | None = None
+):
     """Regenerate one row alone; returns (stored row, new result or None for error rows, match)."""
     out = Path(output)
     job = load_job(out)
@@ -78,8 +84,9 @@ def replay_row(output: str | Path, item_id: str, sample_index: int = 0, model: s
     return row, res, same(row, res)
 
 
-def verify_output(output: str | Path, sample: int = 100, seed: int = 0, model: str | None = None,
-                  threads: int | None = None) -> dict:
+def verify_output(
+    output: str | Path, sample: int = 100, seed: int = 0, model: str | None = None, threads: int | None = None
+) -> dict:
     """Check exactly-once over all rows, then re-generate `sample` random rows and compare them byte for byte."""
     import pyarrow.parquet as pq
 
@@ -117,9 +124,16 @@ def verify_output(output: str | Path, sample: int = 100, seed: int = 0, model: s
     if chosen:
         results = regenerate(job_engine(job, model, threads), job, chosen)
         mismatches = [r["id"] for r, res in zip(chosen, results, strict=True) if not same(r, res)]
-    return {"rows": total, "expected_rows": expected, "duplicates": dupes, "missing": max(0, expected - len(keys)),
-            "checked": len(chosen), "mismatches": len(mismatches),
-            "mismatch_rate": len(mismatches) / len(chosen) if chosen else 0.0, "mismatched_ids": mismatches[:20]}
+    return {
+        "rows": total,
+        "expected_rows": expected,
+        "duplicates": dupes,
+        "missing": max(0, expected - len(keys)),
+        "checked": len(chosen),
+        "mismatches": len(mismatches),
+        "mismatch_rate": len(mismatches) / len(chosen) if chosen else 0.0,
+        "mismatched_ids": mismatches[:20],
+    }
 
 
 @dataclass

@@ -82,14 +82,18 @@ def run_replay(cfg: ReplayConfig) -> int:
     if cfg.output is not None:
         from ..batch.verify import replay_row
 
-        row, res, match = replay_row(cfg.output, cfg.id, cfg.sample_index, cfg.engine.model or None,
-                                     cfg.engine.threads)
+        row, res, match = replay_row(cfg.output, cfg.id, cfg.sample_index, cfg.engine.model or None, cfg.engine.threads)
         if res is None:
             print(f"row {cfg.id!r} sample {cfg.sample_index} is an error row: {row['error']}")
             return 0
         if cfg.json:
-            print(json.dumps({"stored": row, "replayed": dataclasses.asdict(res), "match": match},
-                             ensure_ascii=False, default=str))
+            print(
+                json.dumps(
+                    {"stored": row, "replayed": dataclasses.asdict(res), "match": match},
+                    ensure_ascii=False,
+                    default=str,
+                )
+            )
         else:
             print(res.text)
             print(f"-- {'MATCH: byte-identical to' if match else 'MISMATCH with'} the stored row", flush=True)

@@ -12,7 +12,9 @@ from ..config import check
 class InfoConfig:
     """Describe a model folder, a cached hub id, a preset, or a token cache (verifying its shards)."""
 
-    source: str = field(default="", metadata={"help": "model folder, hub id, preset, or token cache folder", "positional": True})
+    source: str = field(
+        default="", metadata={"help": "model folder, hub id, preset, or token cache folder", "positional": True}
+    )
     tokenizer: Path | None = field(default=None, metadata={"help": "tokenizer folder (needed for presets)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code shipped with the weights"})
     allow_pickle: bool = field(default=False, metadata={"help": "accept pytorch_model.bin (pickle) weights"})

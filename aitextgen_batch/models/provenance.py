@@ -21,8 +21,9 @@ def fingerprint_source(source: str, tokenizer=None, trust_remote_code: bool = Fa
     if folder is None or not list(Path(folder).glob("*.safetensors")):
         from .fingerprint import model_fingerprint
 
-        model, tok = load_model(source, device="cpu", tokenizer=tokenizer, trust_remote_code=trust_remote_code,
-                                allow_pickle=True)
+        model, tok = load_model(
+            source, device="cpu", tokenizer=tokenizer, trust_remote_code=trust_remote_code, allow_pickle=True
+        )
         return model_fingerprint(model, tok, folder)
     from transformers import AutoConfig
 
