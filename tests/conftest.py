@@ -45,3 +45,14 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     out = tmp_path_factory.mktemp("models") / "tiny-gpt2"
     init_model("tiny", tokenizer_dir, out, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with 2 CPUs for the whole session (jobs and trainers join it)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
