@@ -117,7 +117,6 @@ def _build_job(cfg: GenerateConfig, device: str) -> dict:
         cfg.input, cfg.prompt_column, id_col, cfg.seed_column, cfg.keep_columns
     )
     e = cfg.engine
-    check(bool(e.model), "model", "is required: a model folder, cached hub id or preset")
     fingerprint = fingerprint_source(e.model, e.tokenizer, e.trust_remote_code)
     numerics = {
         "device": device,

@@ -131,7 +131,8 @@ class Engine:
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
         )
-        return cls(model, tok, slots=slots, source=str(source), folder=resolve_source(source).folder)
+        resolved = resolve_source(source)
+        return cls(model, tok, slots=slots, source=resolved.source, folder=resolved.folder)
 
     @property
     def fingerprint(self) -> str:

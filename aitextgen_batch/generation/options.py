@@ -13,7 +13,9 @@ from .params import SamplingParams
 class EngineConfig:
     """Which model to load and how to run it."""
 
-    model: str = field(default="", metadata={"help": "model folder, cached hub id, or preset (with --tokenizer)"})
+    model: str = field(
+        default="", metadata={"help": "model folder, cached hub id, or preset (with --tokenizer); default: the bundled"}
+    )
     tokenizer: Path | None = field(default=None, metadata={"help": "tokenizer folder (presets; else the model's)"})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, cuda:1... (default: cuda if available)"})
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, float16 (default per device)"})
@@ -37,7 +39,6 @@ class EngineConfig:
         """Load the engine these options describe."""
         from .engine import Engine
 
-        check(bool(self.model), "model", "is required: a model folder, cached hub id or preset")
         return Engine.from_pretrained(
             self.model,
             self.device,

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import check
-
 
 @dataclass
 class InfoConfig:
@@ -18,9 +16,6 @@ class InfoConfig:
     tokenizer: Path | None = field(default=None, metadata={"help": "tokenizer folder (needed for presets)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code shipped with the weights"})
     allow_pickle: bool = field(default=False, metadata={"help": "accept pytorch_model.bin (pickle) weights"})
-
-    def __post_init__(self):
-        check(bool(self.source), "source", "is required: a model folder, hub id or preset name")
 
 
 def model_info(source: str, tokenizer=None, trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:

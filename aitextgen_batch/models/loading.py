@@ -13,6 +13,8 @@ from pathlib import Path
 from ..errors import UserError
 from .presets import PRESETS, preset_config
 
+# The small GPT-2 shipped inside the package (trained by jobs/train_default_model.py): used when no model is given.
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -147,7 +149,12 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 
 def resolve_source(source: str) -> LoadedModel:
-    """Decide what `source` names: an existing folder, a preset, or a cached hub id."""
+    """Decide what `source` names: an existing folder, a preset, or a cached hub id (empty: the default model)."""
+    if not source:
+        if not (DEFAULT_MODEL / "config.json").exists():
+            raise UserError("no --model given and the default model is not installed in this package "
+                            f"({DEFAULT_MODEL}); pass --model or run jobs/train_default_model.py")
+        return LoadedModel(str(DEFAULT_MODEL), "folder", DEFAULT_MODEL)
     source = str(source)
     path = Path(source).expanduser()
     if path.is_dir():
@@ -195,6 +202,7 @@ def load_model(
 
     quiet_transformers()
     resolved = resolve_source(source)
+    source = resolved.source
     device = device or default_device()
     dtype = resolve_dtype(dtype) or default_dtype(device)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
