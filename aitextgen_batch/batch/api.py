@@ -105,6 +105,27 @@ def _resources(cfg: GenerateConfig) -> tuple[int, float, float, int, str]:
     return n, float(min(threads, max(1, cpus // n))), 0.0, threads, "cpu"
 
 
+def _numerics(cfg: GenerateConfig, device: str) -> dict:
+    """What fixes the engine's arithmetic: device kind, dtype and slots (all recorded in the manifest)."""
+    e = cfg.engine
+    return {
+        "device": device,
+        "dtype": e.dtype or ("float32" if device == "cpu" else "bfloat16"),
+        "slots": e.slots or DEFAULT_SLOTS[device],
+    }
+
+
+def _model_spec(cfg: GenerateConfig) -> dict:
+    """How to load the model (stored in the manifest; an empty source is the bundled default model)."""
+    e = cfg.engine
+    return {
+        "source": e.model,
+        "tokenizer": str(e.tokenizer) if e.tokenizer else None,
+        "trust_remote_code": e.trust_remote_code,
+        "allow_pickle": e.allow_pickle,
+    }
+
+
 def _build_job(cfg: GenerateConfig, device: str) -> dict:
     import pyarrow as pa
 
@@ -118,11 +139,7 @@ def _build_job(cfg: GenerateConfig, device: str) -> dict:
     )
     e = cfg.engine
     fingerprint = fingerprint_source(e.model, e.tokenizer, e.trust_remote_code)
-    numerics = {
-        "device": device,
-        "dtype": e.dtype or ("float32" if device == "cpu" else "bfloat16"),
-        "slots": e.slots or DEFAULT_SLOTS[device],
-    }
+    numerics = _numerics(cfg, device)
     identity = {
         "model_fingerprint": fingerprint,
         "sampling": to_dict(cfg.sampling),
@@ -142,12 +159,7 @@ def _build_job(cfg: GenerateConfig, device: str) -> dict:
         "format": mf.FORMAT,
         "identity": identity,
         "output": str(Path(cfg.output).resolve()),
-        "model": {
-            "source": e.model,
-            "tokenizer": str(e.tokenizer) if e.tokenizer else None,
-            "trust_remote_code": e.trust_remote_code,
-            "allow_pickle": e.allow_pickle,
-        },
+        "model": _model_spec(cfg),
         "files": [dataclasses.asdict(f) for f in files],
         "has_id": has_id,
         "id_type": id_type,
@@ -157,18 +169,17 @@ def _build_job(cfg: GenerateConfig, device: str) -> dict:
     }
 
 
-def engine_options(job: dict, threads: int | None = None) -> dict:
-    """EngineConfig fields that rebuild the job's engine exactly (same model, dtype, device, slots)."""
-    m, num = job["model"], job["identity"]["engine"]
+def engine_options(model: dict, numerics: dict, threads: int | None = None) -> dict:
+    """EngineConfig fields that rebuild a job's engine exactly: same model, device kind, dtype and slots."""
     return {
-        "model": m["source"],
-        "tokenizer": m["tokenizer"],
-        "device": num["device"],
-        "dtype": num["dtype"],
-        "slots": num["slots"],
+        "model": model["source"],
+        "tokenizer": model["tokenizer"],
+        "device": numerics["device"],
+        "dtype": numerics["dtype"],
+        "slots": numerics["slots"],
         "threads": threads,
-        "trust_remote_code": m["trust_remote_code"],
-        "allow_pickle": m["allow_pickle"],
+        "trust_remote_code": model["trust_remote_code"],
+        "allow_pickle": model["allow_pickle"],
     }
 
 
@@ -196,11 +207,62 @@ def generate_dataset(config: GenerateConfig | None = None, **options) -> dict:
 
 def _run(cfg: GenerateConfig) -> dict:
     from .progress import JobProgress
+    from .runner import run_shards, start_actors, stop_actors
 
     t0 = time.time()
     n_actors, cpa, gpa, threads, device = _resources(cfg)
-    job = _build_job(cfg, device)
-    out = Path(job["output"])
+    actors: list = []
+    try:
+        # Actors start first and load the model while the driver checks the inputs; on any input error
+        # they are stopped before anything is written.
+        options = engine_options(_model_spec(cfg), _numerics(cfg, device), threads)
+        actors = start_actors(options, n_actors, cpa, gpa, threads)
+        job = _build_job(cfg, device)
+        out = Path(job["output"])
+        pending, skipped, records = _prepare_output(cfg, job, out, t0)
+        actors = _trim(actors, len(pending))
+        failed: dict[int, str] = {}
+        total_rows = sum(s["rows"] for s in job["shards"])
+        progress = JobProgress(
+            len(job["shards"]), total_rows, quiet=cfg.quiet, already=[r for r in records.values() if r]
+        )
+        stats = {"actor_restarts": 0, "retries": 0}
+        with progress:
+            if pending:
+
+                def done(rec):
+                    records[rec["shard"]] = rec
+                    progress.shard_done(rec)
+
+                def fail(s, err):
+                    failed[s] = err
+                    progress.shard_failed(s, err)
+
+                stats = run_shards(
+                    actors,
+                    job,
+                    pending,
+                    batch_size=cfg.batch_size,
+                    max_attempts=cfg.max_shard_attempts,
+                    on_done=done,
+                    on_fail=fail,
+                    on_tick=progress.tick,
+                )
+    finally:
+        stop_actors(actors)
+    return _finish(job, out, records, failed, skipped, stats, t0, len(actors) or n_actors, progress)
+
+
+def _trim(actors: list, needed: int) -> list:
+    """Stop the actors beyond the number of shards left to do."""
+    from .runner import stop_actors
+
+    stop_actors(actors[needed:])
+    return actors[:needed]
+
+
+def _prepare_output(cfg: GenerateConfig, job: dict, out: Path, t0: float):
+    """Check or create OUT, clean leftovers, write the manifest; returns (pending, skipped, records)."""
     old = mf.read_job(out)
     if old is not None and cfg.overwrite:
         mf.wipe(out)
@@ -212,51 +274,14 @@ def _run(cfg: GenerateConfig) -> dict:
         raise UserError(f"--output {out} already holds Parquet files from something else; use an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     cleaned = mf.clean_tmp(out)
+    if cleaned:
+        log.warning("removed %d leftover temporary files from an interrupted run", cleaned)
     job.setdefault("created", t0)
     job["status"] = "running"
     mf.write_json_atomic(out / mf.JOB_FILE, job)
-
     records = {s["shard"]: mf.done_record(out, s["shard"]) for s in job["shards"]}
     pending = [s for s, r in records.items() if r is None]
-    skipped = len(job["shards"]) - len(pending)
-    failed: dict[int, str] = {}
-    total_rows = sum(s["rows"] for s in job["shards"])
-    progress = JobProgress(len(job["shards"]), total_rows, quiet=cfg.quiet, already=[r for r in records.values() if r])
-    if cleaned:
-        log.warning("removed %d leftover temporary files from an interrupted run", cleaned)
-    stats = {"actor_restarts": 0, "retries": 0}
-    with progress:
-        if pending:
-
-            def done(rec):
-                records[rec["shard"]] = rec
-                progress.shard_done(rec)
-
-            def fail(s, err):
-                failed[s] = err
-                progress.shard_failed(s, err)
-
-            stats = _dispatch(job, pending, cfg, n_actors, cpa, gpa, threads, done, fail, progress.tick)
-    return _finish(job, out, records, failed, skipped, stats, t0, n_actors, progress)
-
-
-def _dispatch(job, pending, cfg, n_actors, cpa, gpa, threads, done, fail, tick):
-    from .runner import run_shards
-
-    return run_shards(
-        job,
-        pending,
-        engine_options=engine_options(job, threads),
-        num_actors=n_actors,
-        cpus_per_actor=cpa,
-        gpus_per_actor=gpa,
-        threads=threads,
-        batch_size=cfg.batch_size,
-        max_attempts=cfg.max_shard_attempts,
-        on_done=done,
-        on_fail=fail,
-        on_tick=tick,
-    )
+    return pending, len(job["shards"]) - len(pending), records
 
 
 def _finish(job, out, records, failed, skipped, stats, t0, n_actors, progress) -> dict:

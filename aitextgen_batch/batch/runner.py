@@ -13,9 +13,13 @@ from collections.abc import Callable
 
 
 class GenerationWorker:
-    """Body of the Ray actor: the engine is built once in `__init__`, then `run` is called per shard."""
+    """Body of the Ray actor: the engine is built once in `__init__`, then `run` is called per shard.
 
-    def __init__(self, job: dict, engine_options: dict, threads: int | None):
+    The job travels with each call (as one object-store reference), so an actor that Ray restarts after
+    its process died needs nothing but its constructor arguments.
+    """
+
+    def __init__(self, engine_options: dict, threads: int | None):
         import torch
 
         from ..generation.options import EngineConfig
@@ -24,85 +28,87 @@ class GenerationWorker:
         quiet_transformers()
         if threads:
             torch.set_num_threads(threads)
-        self.job = job
         self.engine = EngineConfig(**engine_options).build()
+
+    def run(self, job: dict, shard_index: int, batch_size: int) -> dict:
+        from .shard import run_shard
+
         want = job["identity"]["model_fingerprint"]
         if self.engine.fingerprint != want:
             raise RuntimeError(
                 f"model fingerprint {self.engine.fingerprint} on this worker differs from the "
                 f"job's {want}: the model files differ between nodes"
             )
+        return run_shard(self.engine, job, shard_index, batch_size)
 
-    def run(self, shard_index: int, batch_size: int) -> dict:
-        from .shard import run_shard
 
-        return run_shard(self.engine, self.job, shard_index, batch_size)
+def start_actors(
+    engine_options: dict, num_actors: int, cpus_per_actor: float, gpus_per_actor: float, threads: int | None
+) -> list:
+    """Start the actors now: they import torch and load the model while the driver checks inputs."""
+    import ray
 
-    def pid(self) -> int:
-        import os
+    actor_cls = ray.remote(GenerationWorker).options(
+        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=0
+    )
+    return [actor_cls.remote(engine_options, threads) for _ in range(num_actors)]
 
-        return os.getpid()
+
+def stop_actors(actors: list) -> None:
+    import ray
+
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
 
 
 def run_shards(
+    actors: list,
     job: dict,
     pending: list[int],
     *,
-    engine_options: dict,
-    num_actors: int,
-    cpus_per_actor: float,
-    gpus_per_actor: float,
-    threads: int | None,
     batch_size: int,
     max_attempts: int,
     on_done: Callable[[dict], None],
     on_fail: Callable[[int, str], None],
     on_tick: Callable[[], None] | None = None,
 ) -> dict:
-    """Run `pending` shards on `num_actors` actors until each is done or has failed `max_attempts` times.
+    """Run `pending` shards on `actors` until each is done or has failed `max_attempts` times.
 
     Returns counters: {"actor_restarts": int, "retries": int}.
     """
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    actor_cls = ray.remote(GenerationWorker).options(
-        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=0
-    )
-    actors = [actor_cls.remote(job, engine_options, threads) for _ in range(min(num_actors, len(pending)))]
+    job_ref = ray.put(job)
     queue = deque(pending)
     idle = deque(range(len(actors)))
     inflight: dict = {}
     attempts: dict[int, int] = {}
     stats = {"actor_restarts": 0, "retries": 0}
-    try:
-        while queue or inflight:
-            while idle and queue:
-                a, s = idle.popleft(), queue.popleft()
-                inflight[actors[a].run.remote(s, batch_size)] = (a, s)
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-            if on_tick:
-                on_tick()
-            for ref in ready:
-                a, s = inflight.pop(ref)
-                idle.append(a)
-                try:
-                    on_done(ray.get(ref))
-                    continue
-                except RayActorError as exc:  # the process died (killed, OOM, ...): Ray restarts it
-                    stats["actor_restarts"] += 1
-                    error = f"actor died while generating: {_first_line(exc)}"
-                except RayTaskError as exc:
-                    error = _first_line(exc.cause if getattr(exc, "cause", None) else exc)
-                attempts[s] = attempts.get(s, 0) + 1
-                if attempts[s] >= max_attempts:
-                    on_fail(s, f"failed {attempts[s]} times; last error: {error}")
-                else:
-                    stats["retries"] += 1
-                    queue.appendleft(s)
-    finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+    while queue or inflight:
+        while idle and queue:
+            a, s = idle.popleft(), queue.popleft()
+            inflight[actors[a].run.remote(job_ref, s, batch_size)] = (a, s)
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+        if on_tick:
+            on_tick()
+        for ref in ready:
+            a, s = inflight.pop(ref)
+            idle.append(a)
+            try:
+                on_done(ray.get(ref))
+                continue
+            except RayActorError as exc:  # the process died (killed, OOM, ...): Ray restarts it
+                stats["actor_restarts"] += 1
+                error = f"actor died while generating: {_first_line(exc)}"
+            except RayTaskError as exc:
+                error = _first_line(exc.cause if getattr(exc, "cause", None) else exc)
+            attempts[s] = attempts.get(s, 0) + 1
+            if attempts[s] >= max_attempts:
+                on_fail(s, f"failed {attempts[s]} times; last error: {error}")
+            else:
+                stats["retries"] += 1
+                queue.appendleft(s)
     return stats
 
 

@@ -25,7 +25,7 @@ def job_engine(job: dict, model: str | None = None, threads: int | None = None):
     from ..generation.options import EngineConfig
     from .api import engine_options
 
-    opts = engine_options(job, threads)
+    opts = engine_options(job["model"], job["identity"]["engine"], threads)
     if opts["device"] == "cuda" and not torch.cuda.is_available():
         raise UserError("this job ran on CUDA; replaying it needs a CUDA device (results are exact per device kind)")
     if model:

@@ -20,7 +20,9 @@ class FinetuneConfig:
     """Finetune a causal LM on a token cache with Ray Train (1 or N workers, CPU or GPU); resumable."""
 
     model: str | None = field(default=None, metadata={"help": "model folder or cached hub id to finetune"})
-    preset: str | None = field(default=None, metadata={"help": "train a from-scratch preset instead (with --tokenizer)"})
+    preset: str | None = field(
+        default=None, metadata={"help": "train a from-scratch preset instead (with --tokenizer)"}
+    )
     tokenizer: Path | None = field(default=None, metadata={"help": "tokenizer folder (presets; else the model's)"})
     dataset: Path | None = field(default=None, metadata={"help": "token cache folder (`aitextgen-batch prepare`)"})
     output: Path | None = field(

@@ -1,0 +1,276 @@
+"""`finetune(...)`: check everything on the driver, launch Ray Train's TorchTrainer, publish the final model.
+
+OUTPUT holds, when a run completes:
+
+    config.json, model.safetensors, tokenizer files   the finetuned model (`generate --model OUTPUT`)
+    checkpoints/step-NNNNNNNN/                        the last `keep_checkpoints` saves (see `state.py`), and
+    checkpoints/checkpoint_manager_snapshot.json        Ray Train's record of them (its run storage)
+    metrics.csv, loss.png                             per-step loss, smoothed loss, learning rate, tokens/s
+    samples.jsonl                                     samples written every `generate_every` steps
+    events.jsonl                                      worker (re)starts with their step, and saves
+    finetune.json                                     the options, what the run is made of, package versions
+
+Rerunning with the same OUTPUT resumes at the last save (options that define the run must match; `max_steps`
+and the saving, sampling and resource options may change).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from ..config import check, to_dict
+from ..errors import UserError
+from .config import FinetuneConfig
+from .state import saved_steps
+
+FORMAT = "aitextgen-batch/finetune"
+RUN_NAME = "checkpoints"  # Ray Train's run folder inside OUTPUT: it holds the step folders
+IDENTITY = (
+    "source", "preset", "tokenizer_fingerprint", "dataset_sha256", "num_workers", "batch_size", "block_size",
+    "gradient_accumulation", "seed", "learning_rate", "weight_decay", "adam_epsilon", "warmup_steps",
+    "freeze_embeddings", "freeze_layers",
+)  # fmt: skip
+
+
+def _model(cfg: FinetuneConfig):
+    """(source for the workers, tokenizer folder or None, tokenizer, model config) without loading weights."""
+    from transformers import AutoConfig
+
+    from ..models.loading import load_tokenizer, quiet_transformers, resolve_source
+    from ..models.presets import preset_config
+
+    quiet_transformers()
+    if cfg.preset is not None:
+        tok = load_tokenizer(cfg.tokenizer)
+        return cfg.preset, str(cfg.tokenizer.resolve()), tok, preset_config(cfg.preset, tok)
+    if not cfg.model:
+        raise UserError("--model (a model folder or cached hub id) or --preset with --tokenizer is required")
+    resolved = resolve_source(cfg.model)
+    if resolved.kind == "preset":
+        raise UserError(f"--model {cfg.model!r} names a preset: pass --preset {cfg.model} --tokenizer DIR instead")
+    folder = resolved.folder
+    tok_dir = cfg.tokenizer or folder
+    tok = load_tokenizer(tok_dir)
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    source = str(Path(folder).resolve()) if resolved.kind == "folder" else cfg.model
+    return source, str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else None, tok, config
+
+
+def plan(cfg: FinetuneConfig) -> dict:
+    """Check the model, tokenizer, cache and output before any worker starts; return what the workers need.
+
+    Raises:
+        UserError: a missing cache, a cache built with another tokenizer, fewer shards than workers, a block size
+            the model or a worker's shards cannot hold, or an OUTPUT holding a different run.
+    """
+    from ..data import TokenDataset
+
+    source, tok_dir, tok, mconf = _model(cfg)
+    ds = TokenDataset(cfg.dataset, tokenizer=tok, verify=False)  # names both fingerprints on a mismatch
+    parts = ds.partition(cfg.num_workers)  # refuses fewer shards than workers
+    context = getattr(mconf, "max_position_embeddings", None) or getattr(mconf, "n_positions", None) or 1024
+    block = cfg.block_size or min(int(context), 1024)
+    check(block <= context, "block_size", f"must be <= {context}, the model's context length", block)
+    if len(tok) > mconf.vocab_size:
+        raise UserError(f"the tokenizer has {len(tok)} tokens but the model only {mconf.vocab_size} embeddings")
+    for rank, shards in enumerate(parts):
+        tokens = sum(ds.shard_tokens[i] for i in shards)
+        if not ds.line_by_line and tokens < block:
+            raise UserError(
+                f"worker {rank}'s shards {shards} of {str(ds.path)!r} hold {tokens} tokens, fewer than block_size "
+                f"(--block-size) {block}: use a smaller --block-size, fewer workers, or more text"
+            )
+    layers = mconf.num_hidden_layers
+    check(cfg.freeze_layers <= layers, "freeze_layers", f"must be <= {layers}, the model's layers", cfg.freeze_layers)
+    shard_sums = json.dumps([s["sha256"] for s in ds.index["shards"]])
+    identity = {k: getattr(cfg, k, None) for k in IDENTITY}
+    identity.update(
+        source=source,
+        block_size=block,
+        tokenizer_fingerprint=ds.fingerprint,
+        dataset_sha256=hashlib.sha256(shard_sums.encode()).hexdigest(),
+    )
+    c = to_dict(cfg)
+    c.update(source=source, tokenizer=tok_dir, dataset=str(ds.path.resolve()), block_size=block)
+    c["output"] = str(Path(cfg.output).resolve())
+    return {"worker": c, "identity": identity}
+
+
+def _check_output(cfg: FinetuneConfig, p: dict) -> int:
+    """Refuse an OUTPUT that holds something else or another run; record this run. Returns the last saved step."""
+    from ..batch.manifest import write_json_atomic
+    from ..models.provenance import package_versions
+
+    out = Path(p["worker"]["output"])
+    doc_path = out / "finetune.json"
+    old = json.loads(doc_path.read_text()) if doc_path.is_file() else None
+    if old is None and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--output {out} exists and holds something other than a finetune run; use a new folder")
+    if old is not None:
+        diff = [
+            f"{k}: {old['identity'].get(k)!r} -> {v!r}" for k, v in p["identity"].items() if old["identity"].get(k) != v
+        ]
+        if diff:
+            raise UserError(
+                f"--output {out} holds a finetune run made with other options ({'; '.join(diff)}); rerun with the "
+                "same options to resume it, or choose a new --output"
+            )
+    saved = saved_steps(out / RUN_NAME)
+    last = saved[-1][0] if saved else 0
+    if last > cfg.max_steps:
+        raise UserError(f"--output {out} is already trained to step {last}; pass --max-steps >= {last} to go on")
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"format": FORMAT, "identity": p["identity"], "config": to_dict(cfg), "versions": package_versions()}
+    doc["created"] = old["created"] if old else time.time()
+    write_json_atomic(doc_path, doc)
+    return last
+
+
+def _resources(cfg: FinetuneConfig) -> int:
+    """Threads per worker; refuses what the cluster cannot place (it would wait forever)."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = int(res.get("CPU", 0)), int(res.get("GPU", 0))
+    if cfg.use_gpu and gpus < cfg.num_workers:
+        raise UserError(f"--use-gpu needs one GPU per worker ({cfg.num_workers}) but the Ray cluster has {gpus}")
+    threads = cfg.threads or (2 if cfg.use_gpu else max(1, cpus // cfg.num_workers))
+    if threads * cfg.num_workers > cpus:
+        raise UserError(
+            f"--num-workers {cfg.num_workers} x --threads {threads} needs {threads * cfg.num_workers} CPUs but the "
+            f"Ray cluster has {cpus}; lower --threads or --num-workers"
+        )
+    return threads
+
+
+def finetune(config: FinetuneConfig | None = None, **options) -> dict:
+    """Finetune (or resume finetuning) a model on a token cache with Ray Train; returns a summary.
+
+    Example:
+        finetune(model="my-model/", dataset="cache/", output="out/", num_workers=2, max_steps=1000)
+
+    Raises:
+        UserError: bad options, model, cache or output, found before any worker starts.
+    """
+    from ..batch.api import ensure_ray
+    from ..config import build_config
+
+    cfg = config or build_config(FinetuneConfig, options)
+    p = plan(cfg)
+    t0 = time.time()
+    last = _check_output(cfg, p)
+    out = Path(p["worker"]["output"])
+    if last == cfg.max_steps:  # nothing left to train: (re)publish the last save
+        return _finish(cfg, out, saved_steps(out / RUN_NAME)[-1][1], t0, "complete", None, cfg.num_workers)
+    started = ensure_ray(cfg.address)
+    try:
+        p["worker"]["threads"] = _resources(cfg)
+        return _launch(cfg, p, out, last, t0)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _launch(cfg: FinetuneConfig, p: dict, out: Path, last: int, t0: float) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .progress import FinetuneProgress
+    from .worker import train_loop_per_worker
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=p["worker"],
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": p["worker"]["threads"]}
+        ),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=str(out),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    error = None
+    with FinetuneProgress(out, last, cfg.max_steps, quiet=cfg.quiet):
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # Ray's TrainingFailedError after max_failures, with the worker's error inside
+            result, error = None, f"{type(exc).__name__}: {exc}"
+    if result is not None and result.error is not None:
+        error = str(result.error)
+    checkpoint = Path(result.checkpoint.path) if result is not None and result.checkpoint is not None else None
+    status = "complete" if error is None and checkpoint is not None else "failed"
+    return _finish(cfg, out, checkpoint, t0, status, error, cfg.num_workers)
+
+
+def _finish(cfg, out: Path, checkpoint: Path | None, t0: float, status: str, error, workers: int) -> dict:
+    from .plot import plot_loss
+    from .state import publish, read_state
+
+    if status == "complete":
+        publish(checkpoint, out)
+    plot_loss(out / "metrics.csv", out / "loss.png")
+    events = _read_jsonl(out / "events.jsonl")
+    starts = [e["step"] for e in events if e["event"] == "start" and e["time"] >= t0]
+    rows = _read_csv(out / "metrics.csv")
+    first = starts[0] if starts else cfg.max_steps
+    run_rows = [r for r in rows if int(r["step"]) > first]
+    before = next((int(r["tokens"]) for r in rows if int(r["step"]) == first), 0)
+    tokens = int(run_rows[-1]["tokens"]) - before if run_rows else 0
+    # `seconds` restarts at 0 with each worker (re)start: add up each session's last value
+    train_seconds = sum(
+        float(r["seconds"])
+        for i, r in enumerate(run_rows)
+        if i + 1 == len(run_rows) or float(run_rows[i + 1]["seconds"]) < float(r["seconds"])
+    )
+    state = read_state(checkpoint) if checkpoint is not None else {}
+    summary = {
+        "status": status,
+        "output": str(out),
+        "step": state.get("step", 0),
+        "max_steps": cfg.max_steps,
+        "loss": round(state["smoothed_loss"], 4) if state.get("smoothed_loss") is not None else None,
+        "resumed_from": starts,
+        "worker_restarts": max(0, len(starts) - 1),
+        "workers": workers,
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds else None,
+        "seconds": round(time.time() - t0, 1),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+    }
+    if error:
+        summary["error"] = error
+    return summary
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_finetune(cfg: FinetuneConfig) -> int:
+    """CLI handler: run `finetune`, print the summary table; exit code 0 when complete, else 1."""
+    from ..models.info import print_table
+
+    summary = finetune(cfg)
+    error = summary.pop("error", None)
+    print_table(summary, title="finetune summary")
+    if error:
+        print(f"error: {error}")
+    return 0 if summary["status"] == "complete" else 1
