@@ -7,13 +7,13 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..config import check, check_range, to_dict
 from ..errors import UserError
 from ..generation.engine import DEFAULT_SLOTS
 from ..generation.options import EngineConfig
 from ..generation.params import SamplingParams
+from ..storage import Location
 from . import manifest as mf
 
 log = logging.getLogger("aitextgen_batch")
@@ -158,7 +158,7 @@ def _build_job(cfg: GenerateConfig, device: str) -> dict:
     return {
         "format": mf.FORMAT,
         "identity": identity,
-        "output": str(Path(cfg.output).resolve()),
+        "output": Location(cfg.output).uri,
         "model": _model_spec(cfg),
         "files": [dataclasses.asdict(f) for f in files],
         "has_id": has_id,
@@ -218,7 +218,7 @@ def _run(cfg: GenerateConfig) -> dict:
         options = engine_options(_model_spec(cfg), _numerics(cfg, device), threads)
         actors = start_actors(options, n_actors, cpa, gpa, threads)
         job = _build_job(cfg, device)
-        out = Path(job["output"])
+        out = Location(job["output"])
         pending, skipped, records = _prepare_output(cfg, job, out, t0)
         actors = _trim(actors, len(pending))
         failed: dict[int, str] = {}
@@ -261,7 +261,7 @@ def _trim(actors: list, needed: int) -> list:
     return actors[:needed]
 
 
-def _prepare_output(cfg: GenerateConfig, job: dict, out: Path, t0: float):
+def _prepare_output(cfg: GenerateConfig, job: dict, out: Location, t0: float):
     """Check or create OUT, clean leftovers, write the manifest; returns (pending, skipped, records)."""
     old = mf.read_job(out)
     if old is not None and cfg.overwrite:
@@ -270,16 +270,17 @@ def _prepare_output(cfg: GenerateConfig, job: dict, out: Path, t0: float):
     if old is not None:
         mf.check_compatible(old, job["identity"], out)
         job["created"] = old.get("created", t0)
-    elif out.exists() and any(out.glob("*.parquet")):
+    elif out.list(pattern="*.parquet"):
         raise UserError(f"--output {out} already holds Parquet files from something else; use an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir()
     cleaned = mf.clean_tmp(out)
     if cleaned:
         log.warning("removed %d leftover temporary files from an interrupted run", cleaned)
     job.setdefault("created", t0)
     job["status"] = "running"
-    mf.write_json_atomic(out / mf.JOB_FILE, job)
-    records = {s["shard"]: mf.done_record(out, s["shard"]) for s in job["shards"]}
+    mf.write_job(out, job)
+    names = set(out.list(recursive=True))
+    records = {s["shard"]: mf.done_record(out, s["shard"], names) for s in job["shards"]}
     pending = [s for s, r in records.items() if r is None]
     return pending, len(job["shards"]) - len(pending), records
 
@@ -294,7 +295,7 @@ def _finish(job, out, records, failed, skipped, stats, t0, n_actors, progress) -
             s["error"] = failed[s["shard"]]
     done = [r for r in records.values() if r]
     summary = {
-        "output": str(out),
+        "output": out.uri,
         "shards": len(job["shards"]),
         "shards_done": len(done),
         "shards_skipped": skipped,
@@ -310,7 +311,7 @@ def _finish(job, out, records, failed, skipped, stats, t0, n_actors, progress) -
     job["status"] = "complete" if len(done) == len(job["shards"]) else "failed" if failed else "incomplete"
     job["summary"] = summary
     job["failed"] = {str(k): v for k, v in failed.items()}
-    mf.write_json_atomic(out / mf.JOB_FILE, job)
+    mf.write_job(out, job)
     summary["status"] = job["status"]
     summary["failed"] = job["failed"]
     progress.summary(summary)

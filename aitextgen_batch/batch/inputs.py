@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
+from ..storage import expand_inputs, open_parquet
 
 
 @dataclass
@@ -20,37 +18,12 @@ class InputFile:
     rows: int
 
 
-def resolve_inputs(spec: str) -> tuple[list[str], str]:
-    """Expand IN (a Parquet file, a folder of them, or a glob) into sorted files and a root for names."""
-    p = Path(spec)
-    if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*.parquet") if not _hidden(f.relative_to(p)))
-        root = str(p)
-    elif any(ch in spec for ch in "*?["):
-        files = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).is_file())
-        root = os.path.commonpath([str(Path(f).parent) for f in files]) if files else ""
-    elif p.is_file():
-        files, root = [str(p)], str(p.parent)
-    else:
-        raise UserError(f"--input {spec!r} does not exist (pass a Parquet file, a folder of them, or a glob)")
-    if not files:
-        raise UserError(f"--input {spec!r} matches no Parquet files")
-    return files, root
-
-
-def _hidden(rel: Path) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.parts)
-
-
 def _open(path: str):
-    import pyarrow.parquet as pq
-
     try:
-        return pq.ParquetFile(path)
+        return open_parquet(path)
     except Exception as exc:
-        raise UserError(
-            f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}); fix or remove it from --input"
-        ) from None
+        raise UserError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}); "
+                        "fix or remove it from --input") from None
 
 
 def id_key(value) -> str:
@@ -69,7 +42,7 @@ def validate_inputs(
     """
     import pyarrow as pa
 
-    paths, root = resolve_inputs(spec)
+    paths, root = expand_inputs(spec)
     files: list[InputFile] = []
     types: dict[str, pa.DataType] = {}
     use_id = None
@@ -107,7 +80,7 @@ def validate_inputs(
             raise UserError(
                 f"{path}: --seed-column {seed_column!r} must hold integers, it has type {types[seed_column]}"
             )
-        name = os.path.relpath(path, root) if root else Path(path).name
+        name = path[len(root) :].lstrip("/") if path.startswith(root + "/") else path.rsplit("/", 1)[-1]
         files.append(InputFile(path, name, pf.metadata.num_rows))
     if use_id:
         _check_unique_ids(files, id_column)
@@ -131,11 +104,9 @@ def _digests(values) -> np.ndarray:
 
 
 def _check_unique_ids(files: list[InputFile], id_column: str) -> None:
-    import pyarrow.parquet as pq
-
     chunks = []
     for f in files:
-        for batch in pq.ParquetFile(f.path).iter_batches(columns=[id_column], batch_size=65536):
+        for batch in _open(f.path).iter_batches(columns=[id_column], batch_size=65536):
             col = batch.column(0)
             if col.null_count:
                 row = col.to_pylist().index(None)
@@ -150,7 +121,7 @@ def _check_unique_ids(files: list[InputFile], id_column: str) -> None:
     seen: dict[str, tuple[str, int]] = {}
     for f in files:
         offset = 0
-        for batch in pq.ParquetFile(f.path).iter_batches(columns=[id_column], batch_size=65536):
+        for batch in _open(f.path).iter_batches(columns=[id_column], batch_size=65536):
             vals = batch.column(0).to_pylist()
             for i, (v, h) in enumerate(zip(vals, _digests(vals).tolist(), strict=True)):
                 if h in dup_h:

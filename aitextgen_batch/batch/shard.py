@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import socket
 import time
-from pathlib import Path
 
 from ..generation.params import SamplingParams
 from ..generation.seeds import SEED_MAX, derive_seed, sample_seed
-from .manifest import part_name, tmp_path, write_done
+from ..storage import Location, open_parquet
+from .manifest import part_name, write_done
 
 BASE_FIELDS = [
     ("sample_index", "int32"),
@@ -51,7 +51,6 @@ def keep_schema(job: dict):
 def read_rows(job: dict, shard: dict) -> dict[str, list]:
     """The shard's input rows as columns of Python values, plus `_id` (given or derived from file and row)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     cols = job["identity"]["columns"]
     wanted = [cols["prompt"]] + ([cols["id"]] if job["has_id"] else []) + ([cols["seed"]] if cols["seed"] else [])
@@ -59,7 +58,7 @@ def read_rows(job: dict, shard: dict) -> dict[str, list]:
     tables, ids = [], []
     for fi, start, end in shard["segments"]:
         f = job["files"][fi]
-        pf = pq.ParquetFile(f["path"])
+        pf = open_parquet(f["path"])
         md = pf.metadata
         groups, offset, first = [], 0, None
         for g in range(md.num_row_groups):
@@ -91,10 +90,9 @@ def _prompt_error(p) -> str | None:
 def run_shard(engine, job: dict, shard_index: int, batch_size: int) -> dict:
     """Generate shard `shard_index` of `job` and record it as done; returns the completion record."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     t0 = time.perf_counter()
-    out = Path(job["output"])
+    out = Location(job["output"])
     shard = job["shards"][shard_index]
     ident = job["identity"]
     cols = ident["columns"]
@@ -150,13 +148,10 @@ def run_shard(engine, job: dict, shard_index: int, batch_size: int) -> dict:
         for c in cols["keep"]:
             data[c].append(rows[c][r])
     table = pa.Table.from_pydict(data, schema=output_schema(job))
-    final = out / part_name(shard_index)
-    tmp = tmp_path(out, final.name)
-    pq.write_table(table, tmp)
-    os.replace(tmp, final)
+    out.write_parquet(table, part_name(shard_index))
     record = {
         "shard": shard_index,
-        "file": final.name,
+        "file": part_name(shard_index),
         "rows_in": n,
         "rows_out": table.num_rows,
         "tokens": tokens,

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from ..config import check, check_range
 from ..errors import UserError
+from ..storage import Location
 from . import manifest as mf
 
 
 def load_job(output: str | Path) -> dict:
-    job = mf.read_job(Path(output))
+    job = mf.read_job(Location(output))
     if job is None:
         raise UserError(f"{output} holds no job (no {mf.JOB_FILE}); pass the --output folder of a generate run")
     return job
@@ -56,16 +57,20 @@ def same(row: dict, res) -> bool:
     )
 
 
-def _parts(out: Path) -> list[Path]:
-    return sorted(out.glob("part-*.parquet"))
+def _parts(out: Location) -> list[str]:
+    return out.list(pattern="part-*.parquet")
 
 
-def find_row(out: Path, job: dict, item_id: str, sample_index: int) -> dict:
+def _read(out: Location, part: str, **kwargs):
     import pyarrow.parquet as pq
 
+    return pq.read_table(out.path(part), filesystem=out.fs, **kwargs)
+
+
+def find_row(out: Location, job: dict, item_id: str, sample_index: int) -> dict:
     value = int(item_id) if job["id_type"] == "int" else str(item_id)
     for part in _parts(out):
-        t = pq.read_table(part, filters=[("id", "=", value), ("sample_index", "=", sample_index)])
+        t = _read(out, part, filters=[("id", "=", value), ("sample_index", "=", sample_index)])
         if t.num_rows:
             return t.to_pylist()[0]
     raise UserError(f"no row with id {item_id!r} and sample_index {sample_index} in {out}")
@@ -75,8 +80,8 @@ def replay_row(
     output: str | Path, item_id: str, sample_index: int = 0, model: str | None = None, threads: int | None = None
 ):
     """Regenerate one row alone; returns (stored row, new result or None for error rows, match)."""
-    out = Path(output)
-    job = load_job(out)
+    out = Location(output)
+    job = load_job(output)
     row = find_row(out, job, item_id, sample_index)
     if row["finish_reason"] == "error":
         return row, None, True
@@ -88,16 +93,14 @@ def verify_output(
     output: str | Path, sample: int = 100, seed: int = 0, model: str | None = None, threads: int | None = None
 ) -> dict:
     """Check exactly-once over all rows, then re-generate `sample` random rows and compare them byte for byte."""
-    import pyarrow.parquet as pq
-
-    out = Path(output)
-    job = load_job(out)
+    out = Location(output)
+    job = load_job(output)
     parts = _parts(out)
     keys: set = set()
     dupes = total = 0
     counts = []
     for p in parts:
-        t = pq.read_table(p, columns=["id", "sample_index", "finish_reason"])
+        t = _read(out, p, columns=["id", "sample_index", "finish_reason"])
         counts.append(t.num_rows)
         for i, k in zip(t.column("id").to_pylist(), t.column("sample_index").to_pylist(), strict=True):
             total += 1
@@ -116,7 +119,7 @@ def verify_output(
         if len(chosen) >= sample:
             break
         if p not in by_part:
-            by_part[p] = pq.read_table(p).to_pylist()
+            by_part[p] = _read(out, p).to_pylist()
         row = by_part[p][i]
         if row["finish_reason"] != "error":
             chosen.append(row)

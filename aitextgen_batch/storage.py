@@ -1,0 +1,203 @@
+"""Local folders and object stores (`s3://`, `gs://`, ...) behind one small interface, via pyarrow filesystems.
+
+Local writes go through a temporary name and a rename. Object stores have no rename, but a PUT is
+atomic (an object appears whole or not at all), so there a file is written under its final name; the
+job's completion record is still written only after the file it vouches for is complete.
+
+S3 settings come from the usual AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL for S3-compatible servers such as MinIO).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+from .errors import UserError
+
+
+def is_uri(spec: str | os.PathLike) -> bool:
+    return "://" in str(spec) and not str(spec).startswith("file://")
+
+
+def filesystem(spec: str | os.PathLike):
+    """(pyarrow filesystem, path within it) for a local path or a URI."""
+    import pyarrow.fs as pafs
+
+    s = str(spec)
+    if not is_uri(s):
+        return pafs.LocalFileSystem(), os.path.abspath(s.removeprefix("file://"))
+    try:
+        fs, path = pafs.FileSystem.from_uri(s)
+    except Exception as exc:
+        raise UserError(f"cannot open {s!r}: {exc}") from None
+    return fs, path.rstrip("/")
+
+
+class Location:
+    """A folder addressed by a local path or a URI; every path method takes names relative to it."""
+
+    def __init__(self, spec: str | os.PathLike):
+        import pyarrow.fs as pafs
+
+        self.spec = str(spec)
+        self.fs, self.root = filesystem(spec)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        scheme = self.spec.split("://", 1)[0] if is_uri(self.spec) else None
+        self.uri = f"{scheme}://{self.root}" if scheme else self.root
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts]) if parts else self.root
+
+    def uri_of(self, *parts: str) -> str:
+        return "/".join([self.uri, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def is_dir(self, *parts: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self.path(*parts)).type == pafs.FileType.Directory
+
+    def mkdir(self, *parts: str) -> None:
+        self.fs.create_dir(self.path(*parts), recursive=True)
+
+    def list(self, *parts: str, pattern: str = "*", recursive: bool = False) -> list[str]:
+        """Names (relative to this location) of the files under `parts` matching `pattern`, sorted."""
+        import pyarrow.fs as pafs
+
+        base = self.path(*parts)
+        if not self.exists(*parts):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=recursive))
+        out = []
+        for info in infos:
+            if info.type != pafs.FileType.File:
+                continue
+            rel = info.path[len(self.root) :].lstrip("/")
+            if fnmatch.fnmatch(rel.rsplit("/", 1)[-1], pattern):
+                out.append(rel)
+        return sorted(out)
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open_input_stream(self.path(*parts)) as f:
+            return f.read()
+
+    def read_text(self, *parts: str) -> str:
+        return self.read_bytes(*parts).decode()
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write a whole file so that no reader ever sees part of it (temp + rename locally)."""
+        final = self.path(*parts)
+        parent = final.rsplit("/", 1)[0]
+        if self.local:
+            os.makedirs(parent, exist_ok=True)
+            tmp = f"{parent}/.{final.rsplit('/', 1)[-1]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, final)
+        else:
+            with self.fs.open_output_stream(final) as f:
+                f.write(data)
+
+    def write_text(self, text: str, *parts: str) -> None:
+        self.write_bytes(text.encode(), *parts)
+
+    def write_parquet(self, table, *parts: str, tmp_dir: str = ".tmp") -> None:
+        """Write a Parquet file atomically: via `tmp_dir` and a rename locally, one PUT on object stores."""
+        import pyarrow.parquet as pq
+
+        final = self.path(*parts)
+        if self.local:
+            os.makedirs(self.path(tmp_dir), exist_ok=True)
+            tmp = self.path(tmp_dir, f"{parts[-1]}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            pq.write_table(table, tmp)
+            os.replace(tmp, final)
+        else:
+            pq.write_table(table, final, filesystem=self.fs)
+
+    def delete(self, *parts: str) -> None:
+        if self.exists(*parts):
+            if self.is_dir(*parts):
+                self.fs.delete_dir(self.path(*parts))
+            else:
+                self.fs.delete_file(self.path(*parts))
+
+    def parquet_file(self, *parts: str):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.fs.open_input_file(self.path(*parts)))
+
+
+def expand_inputs(spec: str) -> tuple[list[str], str]:
+    """IN (a file, a folder, or a glob; local or URI) as sorted file URIs/paths, and the root they are named from."""
+    has_glob = any(ch in spec for ch in "*?[")
+    base = spec
+    pattern = None
+    if has_glob:
+        head = spec
+        while any(ch in head for ch in "*?["):
+            head = head.rsplit("/", 1)[0]
+        base, pattern = head, spec[len(head) :].lstrip("/")
+    loc = Location(base)
+    if pattern is not None:
+        names = [n for n in loc.list(recursive=True) if fnmatch.fnmatch(n, pattern)]
+        return [loc.uri_of(n) for n in names], loc.uri
+    if loc.is_dir():
+        names = [n for n in loc.list(recursive=True, pattern="*.parquet")
+                 if not any(part.startswith((".", "_")) for part in n.split("/"))]
+        return [loc.uri_of(n) for n in names], loc.uri
+    if loc.exists():
+        return [loc.uri], loc.uri.rsplit("/", 1)[0]
+    raise UserError(f"--input {spec!r} does not exist (pass a Parquet file, a folder of them, or a glob)")
+
+
+def open_parquet(uri: str):
+    fs, path = filesystem(uri)
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(fs.open_input_file(path))
+
+
+def local_copy(uri: str, kind: str = "folder") -> Path:
+    """Download a remote folder (a model or a token cache) once into the local cache and return its path.
+
+    The cache key is the URI; files are re-downloaded when their size changed. Local paths are returned
+    unchanged.
+    """
+    if not is_uri(uri):
+        return Path(uri)
+    root = Path(os.environ.get("AITEXTGEN_BATCH_CACHE", Path.home() / ".cache" / "aitextgen-batch"))
+    dest = root / kind / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    loc = Location(uri)
+    names = loc.list(recursive=True)
+    if not names:
+        raise UserError(f"{uri} holds no files")
+    for name in names:
+        target = dest / name
+        info = loc.fs.get_file_info(loc.path(name))
+        if target.exists() and target.stat().st_size == info.size:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(loc.read_bytes(name))
+        os.replace(tmp, target)
+    return dest
+
+
+def upload_folder(local: str | Path, uri: str, last: tuple[str, ...] = ()) -> None:
+    """Copy a local folder to `uri`; the names in `last` (e.g. an index) are written after everything else."""
+    loc = Location(uri)
+    files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name in last)
+    for p in files:
+        loc.write_bytes(p.read_bytes(), *p.relative_to(local).parts)
