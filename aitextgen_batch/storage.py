@@ -153,8 +153,11 @@ def expand_inputs(spec: str) -> tuple[list[str], str]:
         names = [n for n in loc.list(recursive=True) if fnmatch.fnmatch(n, pattern)]
         return [loc.uri_of(n) for n in names], loc.uri
     if loc.is_dir():
-        names = [n for n in loc.list(recursive=True, pattern="*.parquet")
-                 if not any(part.startswith((".", "_")) for part in n.split("/"))]
+        names = [
+            n
+            for n in loc.list(recursive=True, pattern="*.parquet")
+            if not any(part.startswith((".", "_")) for part in n.split("/"))
+        ]
         return [loc.uri_of(n) for n in names], loc.uri
     if loc.exists():
         return [loc.uri], loc.uri.rsplit("/", 1)[0]
@@ -201,3 +204,13 @@ def upload_folder(local: str | Path, uri: str, last: tuple[str, ...] = ()) -> No
     files.sort(key=lambda p: p.name in last)
     for p in files:
         loc.write_bytes(p.read_bytes(), *p.relative_to(local).parts)
+
+
+def fetch_file(uri: str, dest_dir: str | Path) -> Path:
+    """Stream one remote file into `dest_dir` (1 MiB at a time) and return the local path."""
+    fs, path = filesystem(uri)
+    target = Path(dest_dir) / path.rsplit("/", 1)[-1]
+    with fs.open_input_stream(path) as src, open(target, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    return target

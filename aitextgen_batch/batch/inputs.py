@@ -22,8 +22,9 @@ def _open(path: str):
     try:
         return open_parquet(path)
     except Exception as exc:
-        raise UserError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}); "
-                        "fix or remove it from --input") from None
+        raise UserError(
+            f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}); fix or remove it from --input"
+        ) from None
 
 
 def id_key(value) -> str:

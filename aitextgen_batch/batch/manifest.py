@@ -82,5 +82,7 @@ def check_compatible(old: dict, identity: dict, out: Location) -> None:
     diffs = [k for k in sorted(set(before) | set(identity)) if before.get(k) != identity.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: {before.get(k)!r} -> {identity.get(k)!r}" for k in diffs[:4])
-        raise UserError(f"{out} holds a job made with a different {', '.join(diffs)} ({detail}). Use a new "
-                        "--output, or pass --overwrite to delete its results and start again")
+        raise UserError(
+            f"{out} holds a job made with a different {', '.join(diffs)} ({detail}). Use a new "
+            "--output, or pass --overwrite to delete its results and start again"
+        )

@@ -49,9 +49,24 @@ def start_actors(
     import ray
 
     actor_cls = ray.remote(GenerationWorker).options(
-        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=0
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor,
+        max_restarts=-1,
+        max_task_retries=0,
+        runtime_env={"env_vars": storage_env()} if storage_env() else None,
     )
     return [actor_cls.remote(engine_options, threads) for _ in range(num_actors)]
+
+
+# Object-store settings the driver was given travel to the actors (which may have been started before them).
+STORAGE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+               "AWS_ENDPOINT_URL", "AWS_PROFILE", "AITEXTGEN_BATCH_CACHE")
+
+
+def storage_env() -> dict[str, str]:
+    import os
+
+    return {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
 
 
 def stop_actors(actors: list) -> None:

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import UserError
+from ..storage import is_uri
 from .cache import FORMAT, SHARD_FORMAT, VERSION, dtype_for_vocab, shard_name, write_index, write_shard
 from .inputs import Piece, check_input, read_documents, text_pieces
 
@@ -288,6 +289,20 @@ def build_cache(
     Returns:
         The index written to `output/index.json`.
     """
+    inputs = [str(p) for p in inputs]
+    if is_uri(output) or any(is_uri(p) for p in inputs):
+        return _build_staged(
+            inputs,
+            tokenizer,
+            output,
+            num_shards=num_shards,
+            line_by_line=line_by_line,
+            column=column,
+            field=field,
+            compress=compress,
+            batch_size=batch_size,
+            chunk_chars=chunk_chars,
+        )
     paths = [Path(p) for p in inputs]
     if not paths:
         raise UserError("prepare needs at least one --input file")
@@ -320,6 +335,34 @@ def build_cache(
             "check --column/--field and the files"
         ),
     )
+
+
+def _build_staged(inputs: list[str], tokenizer, output: str, **options) -> dict:
+    """Object-store inputs or output: stream remote inputs to a local temp folder, build the cache locally,
+    then upload it with `index.json` last (a cache without its index is never mistaken for a complete one)."""
+    import shutil
+    import tempfile
+
+    from ..storage import Location, fetch_file, upload_folder
+
+    if is_uri(output) and Location(output).list(recursive=True):
+        raise UserError(f"--output {output!r} exists and is not empty; choose a new folder")
+    stage = Path(tempfile.mkdtemp(prefix="aitextgen-batch-prepare-"))
+    try:
+        local_inputs = []
+        for i, p in enumerate(inputs):
+            if is_uri(p):
+                (stage / "in" / str(i)).mkdir(parents=True)
+                local_inputs.append(fetch_file(p, stage / "in" / str(i)))
+            else:
+                local_inputs.append(Path(p))
+        local_out = stage / "cache" if is_uri(output) else Path(output)
+        index = build_cache(local_inputs, tokenizer, local_out, **options)
+        if is_uri(output):
+            upload_folder(local_out, output, last=("index.json",))
+        return index
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def build_cache_from_texts(

@@ -17,14 +17,16 @@ from .cache import INDEX, read_index, verify_shard
 class PrepareConfig:
     """Tokenize text, CSV, Parquet or JSONL files into a sharded token cache for finetuning."""
 
-    input: list[Path] = dataclasses.field(
+    input: list[str] = dataclasses.field(
         default_factory=list,
         metadata={"help": "files: text (one document each), .csv/.tsv, .parquet, .jsonl; text/CSV/JSONL may be .gz"},
     )
     tokenizer: Path | None = dataclasses.field(
         default=None, metadata={"help": "tokenizer folder (a model folder holds one): use the model's"}
     )
-    output: Path | None = dataclasses.field(default=None, metadata={"help": "cache folder to create (new or empty)"})
+    output: str | None = dataclasses.field(
+        default=None, metadata={"help": "cache folder to create (new or empty); a local path or s3://... URI"}
+    )
     num_shards: int = dataclasses.field(
         default=8, metadata={"help": "shards, balanced by tokens; at least the number of training workers"}
     )
@@ -63,7 +65,7 @@ def run_prepare(cfg: PrepareConfig) -> int:
         batch_size=cfg.batch_size,
     )
     seconds = time.perf_counter() - start
-    read_mb = sum(Path(p).stat().st_size for p in cfg.input) / 1e6
+    read_mb = sum(Path(p).stat().st_size for p in cfg.input if Path(p).exists()) / 1e6
     cache_mb = sum(s["bytes"] for s in index["shards"]) / 1e6
     samples = f", {index['total_samples']:,} samples" if cfg.line_by_line else ""
     print(
@@ -75,7 +77,11 @@ def run_prepare(cfg: PrepareConfig) -> int:
 
 
 def is_token_cache(path: str | Path) -> bool:
-    """Whether `path` is a token cache folder (has an index), so `info` describes it instead of a model."""
+    """Whether `path` (a folder or URI) is a token cache (has an index), so `info` describes it, not a model."""
+    from ..storage import Location, is_uri
+
+    if is_uri(path):
+        return Location(path).exists(INDEX)
     return (Path(path) / INDEX).is_file()
 
 
@@ -86,8 +92,9 @@ def run_cache_info(path: str | Path) -> int:
         0 when every shard is present and intact; 1 (after naming each bad shard on stderr) otherwise.
     """
     from ..models.info import print_table
+    from ..storage import local_copy
 
-    path = Path(path)
+    path = local_copy(str(path), "token-cache")  # an object-store cache is checked on a local copy
     try:
         index = read_index(path)
     except UserError as exc:

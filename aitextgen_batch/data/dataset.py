@@ -33,7 +33,10 @@ class TokenDataset:
     """
 
     def __init__(self, cache_dir: str | Path, tokenizer=None, *, verify: bool = True):
-        self.path = Path(cache_dir)
+        from ..storage import local_copy
+
+        self.uri = str(cache_dir)
+        self.path = local_copy(self.uri, "token-cache")  # an object-store cache is downloaded once
         self.index = read_index(self.path)
         for entry in self.index["shards"]:
             (verify_shard if verify else check_shard_file)(self.path, entry)

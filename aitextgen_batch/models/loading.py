@@ -152,10 +152,19 @@ def resolve_source(source: str) -> LoadedModel:
     """Decide what `source` names: an existing folder, a preset, or a cached hub id (empty: the default model)."""
     if not source:
         if not (DEFAULT_MODEL / "config.json").exists():
-            raise UserError("no --model given and the default model is not installed in this package "
-                            f"({DEFAULT_MODEL}); pass --model or run jobs/train_default_model.py")
+            raise UserError(
+                "no --model given and the default model is not installed in this package "
+                f"({DEFAULT_MODEL}); pass --model or run jobs/train_default_model.py"
+            )
         return LoadedModel(str(DEFAULT_MODEL), "folder", DEFAULT_MODEL)
     source = str(source)
+    from ..storage import is_uri, local_copy
+
+    if is_uri(source):  # a model folder on an object store: downloaded once into the local cache
+        folder = local_copy(source, "model")
+        if not (folder / "config.json").exists():
+            raise UserError(f"{source!r} holds no config.json: not a Hugging Face model folder")
+        return LoadedModel(source, "folder", folder)
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():

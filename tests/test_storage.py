@@ -1,0 +1,113 @@
+"""Object storage: a real S3-compatible server (moto, on 127.0.0.1) for inputs, outputs, caches and models."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from aitextgen_batch.batch.api import generate_dataset
+from aitextgen_batch.batch.verify import verify_output
+from aitextgen_batch.storage import Location, upload_folder
+from tests.test_batch import BASE, texts, write_prompts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on loopback with bucket `bkt`; AWS_* variables point at it for this module."""
+    import pyarrow.fs as pafs
+
+    port = _free_port()
+    moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "AITEXTGEN_BATCH_CACHE": str(tmp_path_factory.mktemp("dlcache"))}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir("bkt")
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _upload_prompts(local_dir, uri):
+    upload_folder(local_dir, uri)
+    return uri
+
+
+@pytest.mark.slow
+def test_generate_s3_to_s3_kill_resume_and_read_with_pandas(s3, ray_local, tiny_model_dir, tmp_path):
+    local_in = write_prompts(tmp_path / "in", n_files=2, rows=30)
+    inp = _upload_prompts(local_in, "s3://bkt/prompts")
+    model = "s3://bkt/models/tiny"
+    upload_folder(tiny_model_dir, model)
+    ref = tmp_path / "ref"
+    generate_dataset(input=str(local_in), output=str(ref), model=str(tiny_model_dir), shard_rows=5, **BASE)
+
+    out = "s3://bkt/results/run1"
+    cmd = [sys.executable, "-m", "aitextgen_batch", "generate", "--input", inp, "--output", out, "--model", model,
+           "--num-actors", "1", "--shard-rows", "5", "--max-new-tokens", "6", "--temperature", "1.0", "--top-k", "0",
+           "--quiet"]
+    loc = Location(out)
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(loc.list("_done")) < 2:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(loc.list("_done"))
+    assert 2 <= finished < 12
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert not loc.list(pattern=".*")  # nothing temporary on the object store
+    df = pd.read_parquet(loc.path(), filesystem=loc.fs)
+    assert len(df) == 60 and not df.duplicated(["id", "sample_index"]).any()
+    assert {(r.id, r.sample_index): r.text.encode() for r in df.itertuples()} == texts(ref)
+    assert pq.read_table(loc.path(), filesystem=loc.fs).num_rows == 60
+    report = verify_output(out, sample=10)
+    assert (report["mismatches"], report["duplicates"], report["missing"]) == (0, 0, 0)
+
+
+def test_token_cache_on_s3(s3, tokenizer_dir, corpus_file):
+    from aitextgen_batch.cli import main
+    from aitextgen_batch.data import TokenDataset
+
+    upload_folder(corpus_file.parent, "s3://bkt/corpus")
+    uri = "s3://bkt/caches/c1"
+    assert main(["prepare", "--input", "s3://bkt/corpus/corpus.txt", "--tokenizer", str(tokenizer_dir), "--output",
+                 uri, "--num-shards", "3", "--no-compress"]) == 0
+    names = Location(uri).list()
+    assert "index.json" in names and len([n for n in names if n.startswith("shard-")]) == 3
+    ds = TokenDataset(uri, tokenizer=tokenizer_dir)
+    local = TokenDataset.build([corpus_file], tokenizer_dir, corpus_file.parent / "local-cache", num_shards=3,
+                               compress=False)
+    assert (ds.tokens() == local.tokens()).all() and ds.num_tokens == local.num_tokens
+    assert main(["info", uri]) == 0
