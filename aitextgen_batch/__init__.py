@@ -23,6 +23,8 @@ _LAZY = {
     "derive_seed": "aitextgen_batch.generation.seeds",
     "TokenDataset": "aitextgen_batch.data",
     "generate_dataset": "aitextgen_batch.batch.api",
+    "finetune": "aitextgen_batch.train",
+    "FinetuneConfig": "aitextgen_batch.train",
 }
 
 __all__ = sorted(_LAZY)

@@ -64,6 +64,7 @@ def _commands():
     from .generation.options import ReplayConfig
     from .models.info import InfoConfig
     from .tokenizer import InitModelConfig, TrainTokenizerConfig
+    from .train import FinetuneConfig, run_finetune
 
     return {
         "train-tokenizer": (TrainTokenizerConfig, _train_tokenizer),
@@ -73,6 +74,7 @@ def _commands():
         "replay": (ReplayConfig, _replay),
         "verify": (VerifyConfig, _verify),
         "prepare": (PrepareConfig, run_prepare),
+        "finetune": (FinetuneConfig, run_finetune),
     }
 
 

@@ -47,9 +47,7 @@ def _model(cfg: FinetuneConfig):
     if cfg.preset is not None:
         tok = load_tokenizer(cfg.tokenizer)
         return cfg.preset, str(cfg.tokenizer.resolve()), tok, preset_config(cfg.preset, tok)
-    if not cfg.model:
-        raise UserError("--model (a model folder or cached hub id) or --preset with --tokenizer is required")
-    resolved = resolve_source(cfg.model)
+    resolved = resolve_source(cfg.model or "")  # no --model: the bundled default model
     if resolved.kind == "preset":
         raise UserError(f"--model {cfg.model!r} names a preset: pass --preset {cfg.model} --tokenizer DIR instead")
     folder = resolved.folder
@@ -75,6 +73,9 @@ def plan(cfg: FinetuneConfig) -> dict:
     context = getattr(mconf, "max_position_embeddings", None) or getattr(mconf, "n_positions", None) or 1024
     block = cfg.block_size or min(int(context), 1024)
     check(block <= context, "block_size", f"must be <= {context}, the model's context length", block)
+    if cfg.generate_every:
+        msg = f"must be < {context}, the model's context length"
+        check(cfg.sample_tokens < context, "sample_tokens", msg, cfg.sample_tokens)
     if len(tok) > mconf.vocab_size:
         raise UserError(f"the tokenizer has {len(tok)} tokens but the model only {mconf.vocab_size} embeddings")
     for rank, shards in enumerate(parts):
@@ -100,9 +101,8 @@ def plan(cfg: FinetuneConfig) -> dict:
     return {"worker": c, "identity": identity}
 
 
-def _check_output(cfg: FinetuneConfig, p: dict) -> int:
-    """Refuse an OUTPUT that holds something else or another run; record this run. Returns the last saved step."""
-    from ..batch.manifest import write_json_atomic
+def _check_output(cfg: FinetuneConfig, p: dict) -> tuple[int, dict]:
+    """Refuse an OUTPUT that holds something else or another run; returns (last saved step, the record to write)."""
     from ..models.provenance import package_versions
 
     out = Path(p["worker"]["output"])
@@ -123,11 +123,16 @@ def _check_output(cfg: FinetuneConfig, p: dict) -> int:
     last = saved[-1][0] if saved else 0
     if last > cfg.max_steps:
         raise UserError(f"--output {out} is already trained to step {last}; pass --max-steps >= {last} to go on")
-    out.mkdir(parents=True, exist_ok=True)
     doc = {"format": FORMAT, "identity": p["identity"], "config": to_dict(cfg), "versions": package_versions()}
     doc["created"] = old["created"] if old else time.time()
-    write_json_atomic(doc_path, doc)
-    return last
+    return last, doc
+
+
+def _record(out: Path, doc: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".finetune.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    tmp.replace(out / "finetune.json")
 
 
 def _resources(cfg: FinetuneConfig) -> int:
@@ -162,13 +167,15 @@ def finetune(config: FinetuneConfig | None = None, **options) -> dict:
     cfg = config or build_config(FinetuneConfig, options)
     p = plan(cfg)
     t0 = time.time()
-    last = _check_output(cfg, p)
+    last, record = _check_output(cfg, p)
     out = Path(p["worker"]["output"])
     if last == cfg.max_steps:  # nothing left to train: (re)publish the last save
+        _record(out, record)
         return _finish(cfg, out, saved_steps(out / RUN_NAME)[-1][1], t0, "complete", None, cfg.num_workers)
     started = ensure_ray(cfg.address)
     try:
         p["worker"]["threads"] = _resources(cfg)
+        _record(out, record)
         return _launch(cfg, p, out, last, t0)
     finally:
         if started:
@@ -178,6 +185,10 @@ def finetune(config: FinetuneConfig | None = None, **options) -> dict:
 
 
 def _launch(cfg: FinetuneConfig, p: dict, out: Path, last: int, t0: float) -> dict:
+    import ray.train
+
+    if not hasattr(ray.train, "CheckpointUploadMode"):  # saves are registered in place, a Ray Train V2 feature
+        raise UserError("finetune needs Ray Train V2 (the default since Ray 2.50): unset RAY_TRAIN_V2_ENABLED=0")
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -83,7 +83,7 @@ class MetricsLog(pl.Callback):
         self._lr = optimizer.param_groups[0]["lr"]
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        loss = outputs["loss"].detach().float()
+        loss = outputs["loss"].detach().float() * trainer.accumulate_grad_batches  # Lightning divided it by that
         sums = torch.stack([loss, torch.ones_like(loss), batch["attention_mask"].sum().to(loss)])
         self._sums = sums if self._sums is None else self._sums + sums
         if trainer.global_step == self._seen:

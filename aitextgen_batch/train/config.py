@@ -24,7 +24,9 @@ class FinetuneConfig:
         default=None, metadata={"help": "train a from-scratch preset instead (with --tokenizer)"}
     )
     tokenizer: Path | None = field(default=None, metadata={"help": "tokenizer folder (presets; else the model's)"})
-    dataset: Path | None = field(default=None, metadata={"help": "token cache folder (`aitextgen-batch prepare`)"})
+    dataset: str | None = field(
+        default=None, metadata={"help": "token cache folder or s3://... URI (`aitextgen-batch prepare`)"}
+    )
     output: Path | None = field(
         default=None, metadata={"help": "output folder: the finetuned model, checkpoints/, metrics; rerun to resume"}
     )
@@ -66,7 +68,9 @@ class FinetuneConfig:
     quiet: bool = field(default=False, metadata={"help": "log lines instead of a live progress bar"})
 
     def __post_init__(self):
-        for name in ("tokenizer", "dataset", "output"):
+        if self.dataset is not None:
+            self.dataset = str(self.dataset)
+        for name in ("tokenizer", "output"):
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
         self.precision = str(self.precision)

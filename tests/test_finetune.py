@@ -1,0 +1,205 @@
+"""Finetuning on real Ray Train with real Lightning DDP (gloo, CPU workers), on the tiny model from conftest.
+
+The 2-worker run is made once (module fixture) and serves as the uninterrupted reference of the killed run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from aitextgen_batch.errors import UserError
+
+REPETITIVE = ["the quick brown fox jumps over the lazy dog."] * 150 + ["seven wizards hex bold zebras."] * 150
+RUN = dict(threads=1, batch_size=4, block_size=32, learning_rate=3e-3, quiet=True)
+TWO = dict(RUN, num_workers=2, max_steps=240, save_every=40, generate_every=120, num_samples=2, sample_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_model_dir):
+    from aitextgen_batch.data import TokenDataset
+
+    out = tmp_path_factory.mktemp("ft") / "cache"
+    TokenDataset.from_texts(REPETITIVE, tiny_model_dir, out, num_shards=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_local, tmp_path_factory, tiny_model_dir, cache):
+    from aitextgen_batch.train import finetune
+
+    out = tmp_path_factory.mktemp("ft") / "two"
+    return out, finetune(model=str(tiny_model_dir), dataset=cache, output=out, **TWO)
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _rows(out):
+    import csv
+
+    with open(out / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _events(out, kind):
+    lines = (out / "events.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+@pytest.mark.slow
+def test_two_workers_loss_falls_and_output_loads(two_worker_run):
+    from aitextgen_batch import Engine, SamplingParams, load_model
+
+    out, s = two_worker_run
+    assert s["status"] == "complete" and s["step"] == 240 and s["resumed_from"] == [0] and s["workers"] == 2
+    assert s["tokens"] == 240 * 2 * 4 * 32 and s["tokens_per_second"] > 0
+    rows = _rows(out)
+    assert [int(r["step"]) for r in rows] == list(range(1, 241))
+    assert float(rows[-1]["loss"]) < 0.5 * float(rows[0]["step_loss"])
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in samples] == [120, 120, 240, 240] and all(isinstance(x["text"], str) for x in samples)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000200", "step-00000240"]
+    assert not list(out.glob("*.tmp*")) and not list((out / "checkpoints").glob(".tmp*"))
+    final = _weights(out)
+    assert all(final[k].equal(v) for k, v in _weights(out / "checkpoints" / "step-00000240").items())
+    model, tok = load_model(str(out), device="cpu")
+    assert model.config.n_layer == 2
+    res = Engine.from_pretrained(str(out), device="cpu").generate(["the quick"], [1], SamplingParams(max_new_tokens=6))
+    assert res[0].error is None and res[0].num_generated_tokens >= 1
+
+
+def _kill_rank0_after_a_registered_save(out, max_steps: int, timeout: float = 150) -> int:
+    """SIGKILL rank 0 once Ray Train has registered a save before the last step; returns that save's step."""
+    snapshot = out / "checkpoints" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if not (out / "events.jsonl").is_file() or not snapshot.is_file():
+            continue
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        except json.JSONDecodeError:  # being rewritten
+            continue
+        step = int(latest["checkpoint_dir_name"].removeprefix("step-")) if latest else 0
+        if 0 < step < max_steps:
+            try:
+                os.kill(_events(out, "start")[-1]["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pytest.fail("the run finished before a worker could be killed: raise max_steps")
+            return step
+    raise AssertionError("no save was registered in time")
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_last_save(two_worker_run, tmp_path, tiny_model_dir, cache, monkeypatch):
+    from aitextgen_batch.train import finetune
+
+    # Ray Train propagates this to its controller: saves are registered (and the dead worker noticed) sooner
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+    out = tmp_path / "killed"
+    result = {}
+    run = threading.Thread(
+        target=lambda: result.update(finetune(model=str(tiny_model_dir), dataset=cache, output=out, **TWO))
+    )
+    run.start()
+    registered = _kill_rank0_after_a_registered_save(out, TWO["max_steps"])
+    run.join(timeout=240)
+    assert result["status"] == "complete" and result["step"] == 240, result
+    first, resumed = result["resumed_from"]
+    saves = [e["step"] for e in _events(out, "save")]
+    assert first == 0 and resumed >= registered > 0 and resumed % 40 == 0 and resumed in saves
+    assert result["worker_restarts"] == 1
+    assert [int(r["step"]) for r in _rows(out)] == list(range(1, 241))  # the redone steps are logged once
+    # data order, dropout, optimizer and schedule resume exactly: the result equals the uninterrupted run's
+    reference = _weights(two_worker_run[0])
+    assert all(reference[k].equal(v) for k, v in _weights(out).items())
+
+
+@pytest.mark.slow
+def test_one_worker_rerun_resumes_with_frozen_layers(ray_local, tmp_path, tiny_model_dir, cache):
+    from aitextgen_batch.train import finetune
+
+    out = tmp_path / "one"
+    opts = dict(RUN, num_workers=1, save_every=5, generate_every=0, gradient_accumulation=2)
+    opts.update(freeze_embeddings=True, freeze_layers=1, gradient_checkpointing=True)
+    first = finetune(model=str(tiny_model_dir), dataset=cache, output=out, max_steps=10, **opts)
+    assert first["status"] == "complete" and first["step"] == 10 and first["resumed_from"] == [0]
+    again = finetune(model=str(tiny_model_dir), dataset=cache, output=out, max_steps=20, **opts)
+    assert again["status"] == "complete" and again["step"] == 20 and again["resumed_from"] == [10]
+    rows = _rows(out)
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))
+    assert 5 < float(rows[0]["step_loss"]) < 7  # ~ln(400): the mean of the micro-batches, not of halves
+    assert not (out / "samples.jsonl").exists()
+    before, after = _weights(tiny_model_dir), _weights(out)
+    frozen = [k for k in before if k.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0."))]
+    assert frozen and all(before[k].equal(after[k]) for k in frozen)  # layer 0 included
+    assert not before["transformer.h.1.mlp.c_fc.weight"].equal(after["transformer.h.1.mlp.c_fc.weight"])
+    # finished: a rerun has nothing to train and starts no worker; changed run options are refused
+    assert finetune(model=str(tiny_model_dir), dataset=cache, output=out, max_steps=20, **opts)["step"] == 20
+    with pytest.raises(UserError, match=r"other options \(batch_size: 4 -> 2\)"):
+        finetune(model=str(tiny_model_dir), dataset=cache, output=out, max_steps=30, **{**opts, "batch_size": 2})
+    with pytest.raises(UserError, match="already trained to step 20"):
+        finetune(model=str(tiny_model_dir), dataset=cache, output=out, max_steps=15, **opts)
+
+
+def test_errors_before_any_worker_starts(tmp_path, tiny_model_dir, cache, corpus_file):
+    from aitextgen_batch.data import TokenDataset
+    from aitextgen_batch.tokenizer import train_tokenizer
+    from aitextgen_batch.train import FinetuneConfig, finetune
+
+    base = dict(model=str(tiny_model_dir), output=tmp_path / "out", **RUN)
+    with pytest.raises(UserError, match=r"token cache '.*nowhere' does not exist"):
+        finetune(dataset=tmp_path / "nowhere", **base)
+    other_tok = train_tokenizer([corpus_file], vocab_size=300, output=tmp_path / "tok300", min_frequency=1)
+    other = TokenDataset.from_texts(REPETITIVE, other_tok, tmp_path / "other-cache", num_shards=2)
+    with pytest.raises(UserError, match=rf"built with tokenizer {other.fingerprint}, but the model's tokenizer is "):
+        finetune(dataset=other.path, **base)
+    with pytest.raises(UserError, match="has 4 shards but there are 5 workers"):
+        finetune(dataset=cache, **{**base, "num_workers": 5})
+    with pytest.raises(UserError, match=r"precision \(--precision\) bf16-mixed and 16-mixed need --use-gpu"):
+        FinetuneConfig(model="m", dataset=cache, output=tmp_path, precision="bf16-mixed")
+    with pytest.raises(UserError, match=r"block_size \(--block-size\) must be <= 256"):
+        finetune(dataset=cache, **{**base, "block_size": 512})
+    with pytest.raises(UserError, match=r"freeze_layers \(--freeze-layers\) must be <= 2"):
+        finetune(dataset=cache, **{**base, "freeze_layers": 3})
+    # no --model: the bundled default model, whose tokenizer is not the one this cache was built with
+    with pytest.raises(UserError, match="built with tokenizer .* but the model's tokenizer is"):
+        finetune(dataset=cache, output=tmp_path / "o", **RUN)
+    with pytest.raises(UserError, match="holds something other than a finetune run"):
+        finetune(dataset=cache, **{**base, "output": tiny_model_dir})
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_state_round_trips_without_pickle(tmp_path):
+    import torch
+
+    from aitextgen_batch.train.state import read_state, write_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    model(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    write_state(tmp_path / "s", {"step": 7, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["optimizer.safetensors", "state.json"]
+    (tmp_path / "step" / "training_state").parent.mkdir()
+    (tmp_path / "s").rename(tmp_path / "step" / "training_state")
+    back = read_state(tmp_path / "step")
+    assert back["step"] == 7 and back["scheduler"] == sched.state_dict()
+    assert back["optimizer"]["param_groups"] == opt.state_dict()["param_groups"]  # betas stay a tuple
+    for i, st in opt.state_dict()["state"].items():
+        assert all(back["optimizer"]["state"][i][k].equal(v) for k, v in st.items())
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    fresh.load_state_dict(back["optimizer"])
