@@ -111,3 +111,22 @@ def test_token_cache_on_s3(s3, tokenizer_dir, corpus_file):
                                compress=False)
     assert (ds.tokens() == local.tokens()).all() and ds.num_tokens == local.num_tokens
     assert main(["info", uri]) == 0
+
+
+@pytest.mark.slow
+def test_finetune_from_s3_cache_to_s3_output(s3, ray_local, tiny_model_dir, corpus_file):
+    from aitextgen_batch.data import TokenDataset
+    from aitextgen_batch.generation import Engine, SamplingParams
+    from aitextgen_batch.train import finetune
+
+    cache = "s3://bkt/caches/ft"
+    TokenDataset.build([corpus_file], tiny_model_dir, corpus_file.parent / "ft-local", num_shards=2)
+    upload_folder(corpus_file.parent / "ft-local", cache, last=("index.json",))
+    out = "s3://bkt/finetuned/run1"
+    s = finetune(model=str(tiny_model_dir), dataset=cache, output=out, num_workers=1, max_steps=4, save_every=2,
+                 generate_every=0, threads=1, batch_size=2, block_size=32, quiet=True)
+    assert s["status"] == "complete" and s["step"] == 4 and s["output"] == out
+    names = Location(out).list()
+    assert {"config.json", "model.safetensors", "tokenizer.json", "metrics.csv"} <= set(names)
+    eng = Engine.from_pretrained(out, device="cpu")  # a model folder on S3 loads (downloaded once)
+    assert eng.generate(["the fox"], [1], SamplingParams(max_new_tokens=4), 1)[0].finish_reason != "error"

@@ -97,7 +97,7 @@ def plan(cfg: FinetuneConfig) -> dict:
     )
     c = to_dict(cfg)
     c.update(source=source, tokenizer=tok_dir, dataset=str(ds.path.resolve()), block_size=block)
-    c["output"] = str(Path(cfg.output).resolve())
+    c["output"] = str(local_output(cfg.output))
     return {"worker": c, "identity": identity}
 
 
@@ -152,7 +152,53 @@ def _resources(cfg: FinetuneConfig) -> int:
     return threads
 
 
+def local_output(output) -> Path:
+    """Where training writes: OUTPUT itself, or for an object-store URI a local staging folder (one per URI,
+    kept so that a rerun on this machine resumes) whose model files are uploaded to the URI at the end."""
+    import hashlib
+    import os
+
+    from ..storage import is_uri
+
+    if not is_uri(output):
+        return Path(output).resolve()
+    root = Path(os.environ.get("AITEXTGEN_BATCH_CACHE", Path.home() / ".cache" / "aitextgen-batch"))
+    return root / "finetune-staging" / hashlib.sha256(str(output).encode()).hexdigest()[:16]
+
+
+def _publish_remote(local: Path, uri: str) -> None:
+    """Upload the finished model folder and logs (not the checkpoints); config.json goes last."""
+    from ..storage import Location
+
+    loc = Location(uri)
+    files = sorted(p for p in local.iterdir() if p.is_file())
+    for p in sorted(files, key=lambda p: p.name == "config.json"):
+        loc.write_bytes(p.read_bytes(), p.name)
+
+
 def finetune(config: FinetuneConfig | None = None, **options) -> dict:
+    """Finetune (or resume finetuning) a model on a token cache with Ray Train; returns a summary.
+
+    An object-store OUTPUT trains in a local staging folder and is published there at the end (`local_output`).
+
+    Example:
+        finetune(model="my-model/", dataset="cache/", output="out/", num_workers=2, max_steps=1000)
+
+    Raises:
+        UserError: bad options, model, cache or output, found before any worker starts.
+    """
+    from ..config import build_config
+    from ..storage import is_uri
+
+    cfg = config or build_config(FinetuneConfig, options)
+    summary = _finetune(cfg)
+    if is_uri(cfg.output) and summary["status"] == "complete":
+        _publish_remote(Path(summary["output"]), str(cfg.output))
+        summary["output"] = str(cfg.output)
+    return summary
+
+
+def _finetune(cfg: FinetuneConfig) -> dict:
     """Finetune (or resume finetuning) a model on a token cache with Ray Train; returns a summary.
 
     Example:
@@ -162,9 +208,7 @@ def finetune(config: FinetuneConfig | None = None, **options) -> dict:
         UserError: bad options, model, cache or output, found before any worker starts.
     """
     from ..batch.api import ensure_ray
-    from ..config import build_config
 
-    cfg = config or build_config(FinetuneConfig, options)
     p = plan(cfg)
     t0 = time.time()
     last, record = _check_output(cfg, p)

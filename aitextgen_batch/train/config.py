@@ -27,8 +27,9 @@ class FinetuneConfig:
     dataset: str | None = field(
         default=None, metadata={"help": "token cache folder or s3://... URI (`aitextgen-batch prepare`)"}
     )
-    output: Path | None = field(
-        default=None, metadata={"help": "output folder: the finetuned model, checkpoints/, metrics; rerun to resume"}
+    output: str | Path | None = field(
+        default=None,
+        metadata={"help": "output folder or s3://... URI: the finetuned model, checkpoints/, metrics; rerun resumes"},
     )
     num_workers: int = field(default=1, metadata={"help": "data-parallel workers (one GPU each with --use-gpu), >= 1"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker (NCCL); else CPU workers (gloo)"})
@@ -70,7 +71,11 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.dataset is not None:
             self.dataset = str(self.dataset)
-        for name in ("tokenizer", "output"):
+        from ..storage import is_uri
+
+        if self.output is not None and is_uri(self.output):
+            self.output = str(self.output)  # trained in a local staging folder, published to the URI
+        for name in ("tokenizer",) + (() if isinstance(self.output, str) and is_uri(self.output) else ("output",)):
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
         self.precision = str(self.precision)
