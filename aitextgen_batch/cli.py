@@ -56,6 +56,12 @@ def _verify(cfg) -> int:
     return run_verify(cfg)
 
 
+def _submit(cfg, command: list[str]) -> int:
+    from .submit import run_submit
+
+    return run_submit(cfg, command)
+
+
 def _commands():
     """name -> (config dataclass, handler). Imports stay light: configs import no torch."""
     from .batch.api import GenerateConfig
@@ -63,6 +69,7 @@ def _commands():
     from .data.commands import PrepareConfig, run_prepare
     from .generation.options import ReplayConfig
     from .models.info import InfoConfig
+    from .submit import SubmitConfig
     from .tokenizer import InitModelConfig, TrainTokenizerConfig
     from .train import FinetuneConfig, run_finetune
 
@@ -74,6 +81,7 @@ def _commands():
         "replay": (ReplayConfig, _replay),
         "verify": (VerifyConfig, _verify),
         "prepare": (PrepareConfig, run_prepare),
+        "submit": (SubmitConfig, _submit),  # main() hands it the job's command, the part after `--`
         "finetune": (FinetuneConfig, run_finetune),
     }
 
@@ -114,9 +122,20 @@ def parse(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    job: list[str] = []
+    if argv[:1] == ["submit"]:
+        # `submit [options] -- COMMAND [flags]`: argparse cannot take the remainder, so split it off here and check
+        # the job's command with this same parser: a bad flag is refused before anything is uploaded.
+        from .submit import split_submit_argv
+
+        argv, job = split_submit_argv(argv)
+        if job:
+            parse(job)
     name, cfg = parse(argv)
     try:
-        return _commands()[name][1](cfg) or 0
+        handler = _commands()[name][1]
+        return (handler(cfg, job) if name == "submit" else handler(cfg)) or 0
     except UserError as exc:
         print(f"aitextgen-batch {name}: error: {exc}", file=sys.stderr)
         return 2

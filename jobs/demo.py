@@ -43,8 +43,25 @@ if __name__ == "__main__":
 
     model = [] if (DEFAULT_MODEL / "model.safetensors").exists() else fallback_model()
     out = OUT / "generate"
-    step(["generate", "--input", str(SAMPLE_PROMPTS), "--output", str(out), *model, "--num-actors", "2",
-          "--shard-rows", "100", "--max-new-tokens", "32", "--keep-columns", "topic", "--overwrite"])
+    step(
+        [
+            "generate",
+            "--input",
+            str(SAMPLE_PROMPTS),
+            "--output",
+            str(out),
+            *model,
+            "--num-actors",
+            "2",
+            "--shard-rows",
+            "100",
+            "--max-new-tokens",
+            "32",
+            "--keep-columns",
+            "topic",
+            "--overwrite",
+        ]
+    )
     df = pd.read_parquet(out)
     print(f"\n{len(df)} rows in {out}; a few of them:")
     for r in df.sample(5, random_state=0).itertuples():

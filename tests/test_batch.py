@@ -33,8 +33,10 @@ def write_prompts(folder: Path, n_files: int = 3, rows: int = 40, start: int = 0
             ids.append(f"item-{i:05d}")
             prompts.append(" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(1 + i % 13)))
             i += 1
-        pq.write_table(pa.table({"id": ids, "prompt": prompts, "topic": [p.split()[0] for p in prompts]}),
-                       folder / f"part{f}.parquet")
+        pq.write_table(
+            pa.table({"id": ids, "prompt": prompts, "topic": [p.split()[0] for p in prompts]}),
+            folder / f"part{f}.parquet",
+        )
     return folder
 
 
@@ -52,8 +54,17 @@ def prompts_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(ray_local, tiny_model_dir, prompts_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "out"
-    s = generate_dataset(input=str(prompts_dir), output=str(out), model=str(tiny_model_dir), num_actors=1,
-                         shard_rows=64, batch_size=16, num_return_sequences=2, keep_columns=["topic"], **BASE)
+    s = generate_dataset(
+        input=str(prompts_dir),
+        output=str(out),
+        model=str(tiny_model_dir),
+        num_actors=1,
+        shard_rows=64,
+        batch_size=16,
+        num_return_sequences=2,
+        keep_columns=["topic"],
+        **BASE,
+    )
     assert s["status"] == "complete" and s["rows"] == 240
     return out
 
@@ -61,8 +72,19 @@ def reference(ray_local, tiny_model_dir, prompts_dir, tmp_path_factory):
 def test_output_schema_manifest_and_readers(reference, prompts_dir):
     df = pd.read_parquet(reference)
     assert len(df) == 240 and sorted(df.columns) == sorted(
-        ["id", "sample_index", "prompt", "seed", "text", "num_prompt_tokens", "num_generated_tokens",
-         "finish_reason", "error", "topic"])
+        [
+            "id",
+            "sample_index",
+            "prompt",
+            "seed",
+            "text",
+            "num_prompt_tokens",
+            "num_generated_tokens",
+            "finish_reason",
+            "error",
+            "topic",
+        ]
+    )
     assert set(df.sample_index) == {0, 1} and df.error.isna().all()
     assert (df.num_generated_tokens > 0).all() and set(df.finish_reason) <= {"eos", "length"}
     src = pd.concat([pd.read_parquet(p) for p in sorted(prompts_dir.glob("*.parquet"))])
@@ -80,28 +102,57 @@ def test_output_schema_manifest_and_readers(reference, prompts_dir):
 def test_text_identical_across_actors_shards_and_batch_size(reference, tiny_model_dir, prompts_dir, tmp_path):
     ref = texts(reference)
     out = tmp_path / "out"
-    s = generate_dataset(input=str(prompts_dir), output=str(out), model=str(tiny_model_dir), num_actors=2,
-                         shard_rows=7, batch_size=1, num_return_sequences=2, **BASE)
+    s = generate_dataset(
+        input=str(prompts_dir),
+        output=str(out),
+        model=str(tiny_model_dir),
+        num_actors=2,
+        shard_rows=7,
+        batch_size=1,
+        num_return_sequences=2,
+        **BASE,
+    )
     assert s["status"] == "complete" and s["shards"] == 18
     assert texts(out) == ref
 
 
 def test_rerun_skips_finished_shards_and_refuses_other_params(reference, tiny_model_dir, prompts_dir):
     before = {p.name: p.stat().st_mtime_ns for p in reference.glob("part-*.parquet")}
-    s = generate_dataset(input=str(prompts_dir), output=str(reference), model=str(tiny_model_dir), num_actors=1,
-                         shard_rows=64, batch_size=16, num_return_sequences=2, keep_columns=["topic"], **BASE)
+    s = generate_dataset(
+        input=str(prompts_dir),
+        output=str(reference),
+        model=str(tiny_model_dir),
+        num_actors=1,
+        shard_rows=64,
+        batch_size=16,
+        num_return_sequences=2,
+        keep_columns=["topic"],
+        **BASE,
+    )
     assert (s["status"], s["shards_skipped"], s["shards_done"]) == ("complete", 2, 2)
     assert {p.name: p.stat().st_mtime_ns for p in reference.glob("part-*.parquet")} == before
     with pytest.raises(UserError, match=r"holds a job made with a different sampling.*--overwrite"):
-        generate_dataset(input=str(prompts_dir), output=str(reference), model=str(tiny_model_dir), shard_rows=64,
-                         num_return_sequences=2, keep_columns=["topic"], **{**BASE, "temperature": 0.5})
+        generate_dataset(
+            input=str(prompts_dir),
+            output=str(reference),
+            model=str(tiny_model_dir),
+            shard_rows=64,
+            num_return_sequences=2,
+            keep_columns=["topic"],
+            **{**BASE, "temperature": 0.5},
+        )
 
 
 def test_overwrite_starts_again(tiny_model_dir, prompts_dir, tmp_path, ray_local):
     out = tmp_path / "out"
     generate_dataset(input=str(prompts_dir / "part0.parquet"), output=str(out), model=str(tiny_model_dir), **BASE)
-    s = generate_dataset(input=str(prompts_dir / "part0.parquet"), output=str(out), model=str(tiny_model_dir),
-                         overwrite=True, **{**BASE, "max_new_tokens": 3})
+    s = generate_dataset(
+        input=str(prompts_dir / "part0.parquet"),
+        output=str(out),
+        model=str(tiny_model_dir),
+        overwrite=True,
+        **{**BASE, "max_new_tokens": 3},
+    )
     assert s["status"] == "complete" and s["shards_skipped"] == 0
     assert pd.read_parquet(out).num_generated_tokens.max() <= 3
 
@@ -109,8 +160,11 @@ def test_overwrite_starts_again(tiny_model_dir, prompts_dir, tmp_path, ray_local
 def _worker_pids() -> list[int]:
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("GenerationWorker" in c for c in (p.info["cmdline"] or []))]
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any("GenerationWorker" in c for c in (p.info["cmdline"] or []))
+    ]
 
 
 @pytest.mark.slow
@@ -120,8 +174,15 @@ def test_actor_sigkilled_mid_job_is_restarted_and_output_is_exact(reference, tin
 
     def run():
         result["summary"] = generate_dataset(
-            input=str(prompts_dir), output=str(out), model=str(tiny_model_dir), num_actors=2, shard_rows=4,
-            batch_size=4, num_return_sequences=2, **BASE)
+            input=str(prompts_dir),
+            output=str(out),
+            model=str(tiny_model_dir),
+            num_actors=2,
+            shard_rows=4,
+            batch_size=4,
+            num_return_sequences=2,
+            **BASE,
+        )
 
     t = threading.Thread(target=run)
     t.start()
@@ -144,9 +205,33 @@ def test_actor_sigkilled_mid_job_is_restarted_and_output_is_exact(reference, tin
 @pytest.mark.slow
 def test_killed_driver_loses_nothing_and_rerun_resumes(reference, tiny_model_dir, prompts_dir, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "aitextgen_batch", "generate", "--input", str(prompts_dir), "--output", str(out),
-           "--model", str(tiny_model_dir), "--num-actors", "1", "--shard-rows", "5", "--batch-size", "4",
-           "--num-return-sequences", "2", "--max-new-tokens", "6", "--temperature", "1.0", "--top-k", "0", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "aitextgen_batch",
+        "generate",
+        "--input",
+        str(prompts_dir),
+        "--output",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        "--num-actors",
+        "1",
+        "--shard-rows",
+        "5",
+        "--batch-size",
+        "4",
+        "--num-return-sequences",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "0",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("_done/*.json"))) < 3:
@@ -171,8 +256,10 @@ def test_bad_rows_become_error_rows(tiny_model_dir, tmp_path, ray_local):
     s = generate_dataset(input=str(inp), output=str(out), model=str(tiny_model_dir), **BASE)
     assert s["status"] == "complete" and s["rows"] == 6 and s["error_rows"] == 4
     df = pd.read_parquet(out).set_index("id").sort_index()
-    assert list(df.finish_reason) == ["length", "error", "error", "error", "error", "length"] or \
-        df.loc[[1, 2, 3, 4], "finish_reason"].eq("error").all()
+    assert (
+        list(df.finish_reason) == ["length", "error", "error", "error", "error", "length"]
+        or df.loc[[1, 2, 3, 4], "finish_reason"].eq("error").all()
+    )
     assert df.loc[1, "error"] == "prompt is null" and df.loc[2, "error"] == "prompt is empty"
     assert "exceeds the model's context" in df.loc[4, "error"]
     assert df.loc[[0, 5], "error"].isna().all()
@@ -187,8 +274,11 @@ def test_bad_inputs_are_refused_before_anything_is_written(tiny_model_dir, promp
         assert not out.exists()
 
     refuse(tmp_path / "nope", r"--input '.*nope' does not exist")
-    refuse(prompts_dir, r"part0.parquet: no column 'text' \(--prompt-column\); its columns are: id, prompt, topic",
-           prompt_column="text")
+    refuse(
+        prompts_dir,
+        r"part0.parquet: no column 'text' \(--prompt-column\); its columns are: id, prompt, topic",
+        prompt_column="text",
+    )
     refuse(prompts_dir, r"no column 'colour' \(--keep-columns\)", keep_columns=["colour"])
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -237,15 +327,17 @@ def test_repeatedly_failing_shard_is_marked_failed_and_the_rest_finishes(tiny_mo
     marker = "UNIQUEMARKERPROMPT"
     prompts = t.column("prompt").to_pylist()
     prompts[0] = marker
-    pq.write_table(t.set_column(1, "prompt", pa.array(prompts)), inp / "part1.parquet", compression="none",
-                   use_dictionary=False)
+    pq.write_table(
+        t.set_column(1, "prompt", pa.array(prompts)), inp / "part1.parquet", compression="none", use_dictionary=False
+    )
     raw = bytearray((inp / "part1.parquet").read_bytes())
     at = raw.index(marker.encode())
     raw[at - 4 : at] = (0x7FFFFFF0).to_bytes(4, "little")
     (inp / "part1.parquet").write_bytes(bytes(raw))
     out = tmp_path / "out"
-    s = generate_dataset(input=str(inp), output=str(out), model=str(tiny_model_dir), shard_rows=10,
-                         max_shard_attempts=2, **BASE)
+    s = generate_dataset(
+        input=str(inp), output=str(out), model=str(tiny_model_dir), shard_rows=10, max_shard_attempts=2, **BASE
+    )
     assert s["status"] == "failed" and s["shards_done"] == 1 and s["shards_failed"] == 1
     assert "failed 2 times" in s["failed"]["1"]
     assert len(pd.read_parquet(out)) == 10
@@ -272,9 +364,15 @@ def test_verify_passes_on_real_output_and_fails_on_tampered(reference, tmp_path)
     pq.write_table(t.set_column(t.schema.get_field_index("text"), "text", pa.array(texts_col)), part)
     report = verify_output(bad, sample=240)
     assert report["mismatches"] == 128 and report["mismatch_rate"] > 0.5
-    rc = subprocess.run([sys.executable, "-m", "aitextgen_batch", "verify", "--output", str(bad), "--sample", "20"],
-                        capture_output=True, text=True)
+    rc = subprocess.run(
+        [sys.executable, "-m", "aitextgen_batch", "verify", "--output", str(bad), "--sample", "20"],
+        capture_output=True,
+        text=True,
+    )
     assert rc.returncode == 1 and "FAILED" in rc.stdout
-    rc = subprocess.run([sys.executable, "-m", "aitextgen_batch", "replay", "--output", str(bad), "--id",
-                         "item-00003"], capture_output=True, text=True)
+    rc = subprocess.run(
+        [sys.executable, "-m", "aitextgen_batch", "replay", "--output", str(bad), "--id", "item-00003"],
+        capture_output=True,
+        text=True,
+    )
     assert rc.returncode == 1 and "MISMATCH" in rc.stdout

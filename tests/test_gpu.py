@@ -30,8 +30,14 @@ def test_cuda_job_uses_gpu_actors(tiny_model_dir, tmp_path, ray_local):
     from aitextgen_batch.batch.api import generate_dataset
 
     pq.write_table(pa.table({"id": list(range(20)), "prompt": ["the fox"] * 20}), tmp_path / "p.parquet")
-    s = generate_dataset(input=str(tmp_path / "p.parquet"), output=str(tmp_path / "out"), model=str(tiny_model_dir),
-                         gpus_per_actor=1, max_new_tokens=4, quiet=True)
+    s = generate_dataset(
+        input=str(tmp_path / "p.parquet"),
+        output=str(tmp_path / "out"),
+        model=str(tiny_model_dir),
+        gpus_per_actor=1,
+        max_new_tokens=4,
+        quiet=True,
+    )
     assert s["status"] == "complete"
     job = pd.read_json(tmp_path / "out" / "_job.json", typ="series")
     assert job["identity"]["engine"]["device"] == "cuda"

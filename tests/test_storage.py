@@ -32,11 +32,16 @@ def s3(tmp_path_factory):
 
     port = _free_port()
     moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-           "AITEXTGEN_BATCH_CACHE": str(tmp_path_factory.mktemp("dlcache"))}
+    proc = subprocess.Popen(
+        [moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AITEXTGEN_BATCH_CACHE": str(tmp_path_factory.mktemp("dlcache")),
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -73,9 +78,29 @@ def test_generate_s3_to_s3_kill_resume_and_read_with_pandas(s3, ray_local, tiny_
     generate_dataset(input=str(local_in), output=str(ref), model=str(tiny_model_dir), shard_rows=5, **BASE)
 
     out = "s3://bkt/results/run1"
-    cmd = [sys.executable, "-m", "aitextgen_batch", "generate", "--input", inp, "--output", out, "--model", model,
-           "--num-actors", "1", "--shard-rows", "5", "--max-new-tokens", "6", "--temperature", "1.0", "--top-k", "0",
-           "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "aitextgen_batch",
+        "generate",
+        "--input",
+        inp,
+        "--output",
+        out,
+        "--model",
+        model,
+        "--num-actors",
+        "1",
+        "--shard-rows",
+        "5",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "0",
+        "--quiet",
+    ]
     loc = Location(out)
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -102,13 +127,29 @@ def test_token_cache_on_s3(s3, tokenizer_dir, corpus_file):
 
     upload_folder(corpus_file.parent, "s3://bkt/corpus")
     uri = "s3://bkt/caches/c1"
-    assert main(["prepare", "--input", "s3://bkt/corpus/corpus.txt", "--tokenizer", str(tokenizer_dir), "--output",
-                 uri, "--num-shards", "3", "--no-compress"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--input",
+                "s3://bkt/corpus/corpus.txt",
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--output",
+                uri,
+                "--num-shards",
+                "3",
+                "--no-compress",
+            ]
+        )
+        == 0
+    )
     names = Location(uri).list()
     assert "index.json" in names and len([n for n in names if n.startswith("shard-")]) == 3
     ds = TokenDataset(uri, tokenizer=tokenizer_dir)
-    local = TokenDataset.build([corpus_file], tokenizer_dir, corpus_file.parent / "local-cache", num_shards=3,
-                               compress=False)
+    local = TokenDataset.build(
+        [corpus_file], tokenizer_dir, corpus_file.parent / "local-cache", num_shards=3, compress=False
+    )
     assert (ds.tokens() == local.tokens()).all() and ds.num_tokens == local.num_tokens
     assert main(["info", uri]) == 0
 
@@ -123,8 +164,19 @@ def test_finetune_from_s3_cache_to_s3_output(s3, ray_local, tiny_model_dir, corp
     TokenDataset.build([corpus_file], tiny_model_dir, corpus_file.parent / "ft-local", num_shards=2)
     upload_folder(corpus_file.parent / "ft-local", cache, last=("index.json",))
     out = "s3://bkt/finetuned/run1"
-    s = finetune(model=str(tiny_model_dir), dataset=cache, output=out, num_workers=1, max_steps=4, save_every=2,
-                 generate_every=0, threads=1, batch_size=2, block_size=32, quiet=True)
+    s = finetune(
+        model=str(tiny_model_dir),
+        dataset=cache,
+        output=out,
+        num_workers=1,
+        max_steps=4,
+        save_every=2,
+        generate_every=0,
+        threads=1,
+        batch_size=2,
+        block_size=32,
+        quiet=True,
+    )
     assert s["status"] == "complete" and s["step"] == 4 and s["output"] == out
     names = Location(out).list()
     assert {"config.json", "model.safetensors", "tokenizer.json", "metrics.csv"} <= set(names)

@@ -59,8 +59,16 @@ def start_actors(
 
 
 # Object-store settings the driver was given travel to the actors (which may have been started before them).
-STORAGE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-               "AWS_ENDPOINT_URL", "AWS_PROFILE", "AITEXTGEN_BATCH_CACHE")
+STORAGE_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_PROFILE",
+    "AITEXTGEN_BATCH_CACHE",
+)
 
 
 def storage_env() -> dict[str, str]:
