@@ -3,11 +3,11 @@
     python jobs/benchmark_ray.py                  # 2,000 prompts; RSS at 2,000 vs 20,000 prompts
     python jobs/benchmark_ray.py --prompts 500    # a quicker look
 
-Every measurement runs in its own subprocess (its own local Ray with 2 CPUs), on one model (GPT-2
-2 layers x 128, random init, a 2k byte-level BPE from the standard library's pydoc topics) and the same
-prompts. Rows: the in-process engine (2 threads); the Ray job with 1 actor x 2 threads (same cores);
-1 actor x 1 thread vs 2 actors x 1 thread; peak RSS of the driver and of each actor for N and 10 N
-prompts. Targets: Ray >= 0.85x in-process, 2 actors >= 1.8x 1 actor, RSS ratio (10 N / N) < 1.2.
+Every measurement runs in its own subprocess (its own local Ray with 2 CPUs), on one model (the bundled
+default model: GPT-2 4 layers x 256, vocabulary 5,000) and the same prompts. Rows: the in-process engine
+(2 threads); the Ray job with 1 actor x 2 threads (same cores); 1 actor x 1 thread vs 2 actors x 1 thread;
+peak RSS of the driver and of each actor for N and 10 N prompts. Targets: Ray >= 0.85x in-process,
+2 actors >= 1.8x 1 actor, RSS ratio (10 N / N) < 1.2.
 """
 
 from __future__ import annotations
@@ -29,32 +29,10 @@ def setup(work: Path, prompts: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from aitextgen_batch.tokenizer import train_tokenizer
+    if not (work / "model").exists():  # the bundled default model: GPT-2 4 x 256, vocab 5,000
+        from aitextgen_batch.models.loading import DEFAULT_MODEL
 
-    corpus = work / "topics.txt"
-    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)))
-    if not (work / "model").exists():
-        train_tokenizer([corpus], vocab_size=2000, output=work / "tok")
-        from aitextgen_batch.models import load_tokenizer
-
-        tok = load_tokenizer(work / "tok")
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        cfg = GPT2Config(
-            n_layer=2,
-            n_embd=128,
-            n_head=4,
-            n_positions=256,
-            vocab_size=len(tok),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        import torch
-
-        torch.manual_seed(0)
-        GPT2LMHeadModel(cfg).save_pretrained(work / "model")
-        tok.save_pretrained(work / "model")
+        (work / "model").symlink_to(DEFAULT_MODEL)
     words = " ".join(topics[k] for k in sorted(topics)).split()
     for n in (prompts, prompts * 10):
         path = work / f"prompts-{n}.parquet"
@@ -188,7 +166,7 @@ def main() -> None:
         }
         small = run(work, "ray", n, args.rss_tokens, actors=2, threads=1)
         big = run(work, "ray", n * 10, args.rss_tokens, actors=2, threads=1)
-    print(f"\n{n} prompts, {t} new tokens, GPT-2 2x128 vocab 2k, 2 CPUs (times include model load)")
+    print(f"\n{n} prompts, {t} new tokens, default model (GPT-2 4x256, vocab 5k), 2 CPUs (times include model load)")
     print(f"{'run':<32} {'tokens':>8} {'seconds':>8} {'tok/s':>8}")
     rate = {}
     for name, r in rows.items():
