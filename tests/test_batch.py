@@ -22,6 +22,15 @@ from aitextgen_batch.errors import UserError
 from tests.conftest import WORDS
 
 BASE = {"max_new_tokens": 6, "temperature": 1.0, "top_k": 0, "quiet": True}
+# the reference job's layout: one actor, two shards, two samples per row
+REF = {
+    "num_actors": 1,
+    "shard_rows": 64,
+    "batch_size": 16,
+    "num_return_sequences": 2,
+    "keep_columns": ["topic"],
+    **BASE,
+}
 
 
 def write_prompts(folder: Path, n_files: int = 3, rows: int = 40, start: int = 0) -> Path:
@@ -58,12 +67,7 @@ def reference(ray_local, tiny_model_dir, prompts_dir, tmp_path_factory):
         input=str(prompts_dir),
         output=str(out),
         model=str(tiny_model_dir),
-        num_actors=1,
-        shard_rows=64,
-        batch_size=16,
-        num_return_sequences=2,
-        keep_columns=["topic"],
-        **BASE,
+        **REF,
     )
     assert s["status"] == "complete" and s["rows"] == 240
     return out
@@ -122,12 +126,7 @@ def test_rerun_skips_finished_shards_and_refuses_other_params(reference, tiny_mo
         input=str(prompts_dir),
         output=str(reference),
         model=str(tiny_model_dir),
-        num_actors=1,
-        shard_rows=64,
-        batch_size=16,
-        num_return_sequences=2,
-        keep_columns=["topic"],
-        **BASE,
+        **REF,
     )
     assert (s["status"], s["shards_skipped"], s["shards_done"]) == ("complete", 2, 2)
     assert {p.name: p.stat().st_mtime_ns for p in reference.glob("part-*.parquet")} == before

@@ -54,17 +54,9 @@ class GenerateConfig:
             check_range("gpus_per_actor", self.gpus_per_actor, 0)
         if isinstance(self.keep_columns, str):
             self.keep_columns = [self.keep_columns]
-        reserved = {
-            "id",
-            "sample_index",
-            "prompt",
-            "seed",
-            "text",
-            "num_prompt_tokens",
-            "num_generated_tokens",
-            "finish_reason",
-            "error",
-        }
+        from .shard import BASE_FIELDS
+
+        reserved = {"id"} | {name for name, _ in BASE_FIELDS}
         clash = sorted(set(self.keep_columns) & reserved)
         check(not clash, "keep_columns", f"cannot keep {clash}: those names are output columns", self.keep_columns)
 
