@@ -60,7 +60,7 @@ def write_done(out: Location, shard: int, record: dict) -> None:
 
 def clean_tmp(out: Location) -> int:
     """Remove leftovers of interrupted local writes; returns how many were removed."""
-    leftovers = out.list(TMP_DIR) + [n for n in out.list(pattern=".*.tmp")] + out.list(DONE_DIR, pattern=".*.tmp")
+    leftovers = out.list(TMP_DIR) + out.list(pattern=".*.tmp") + out.list(DONE_DIR, pattern=".*.tmp")
     for name in leftovers:
         out.delete(name)
     return len(leftovers)

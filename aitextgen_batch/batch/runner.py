@@ -48,12 +48,13 @@ def start_actors(
     """Start the actors now: they import torch and load the model while the driver checks inputs."""
     import ray
 
+    env = storage_env()
     actor_cls = ray.remote(GenerationWorker).options(
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
         max_restarts=-1,
         max_task_retries=0,
-        runtime_env={"env_vars": storage_env()} if storage_env() else None,
+        runtime_env={"env_vars": env} if env else None,
     )
     return [actor_cls.remote(engine_options, threads) for _ in range(num_actors)]
 

@@ -16,7 +16,6 @@ result is byte-identical alone, in any batch size, order or subset.
 from __future__ import annotations
 
 import inspect
-import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -361,10 +360,3 @@ class Engine:
         r.text, r.token_ids, r.finish_reason, r.error = text, token_ids, reason, None
         r.num_generated_tokens = len(token_ids) + (reason == "eos")
         r.attempts = w.attempt + 1
-
-
-def timed_generate(engine: Engine, prompts, seeds, params, batch_size) -> tuple[list[GenerationResult], float]:
-    """Generate and return (results, seconds): for benchmarks."""
-    t0 = time.perf_counter()
-    res = engine.generate(prompts, seeds, params, batch_size)
-    return res, time.perf_counter() - t0

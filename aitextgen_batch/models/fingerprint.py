@@ -79,7 +79,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def combine(weights: str, config: str, tokenizer: str) -> str:
+    """The model fingerprint (`sha256:` + 16 hex digits) from the three digests."""
+    return "sha256:" + hashlib.sha256("|".join([weights, config, tokenizer]).encode()).hexdigest()[:16]
+
+
 def model_fingerprint(model, tokenizer, folder: str | Path | None = None) -> str:
-    """A stable fingerprint (`sha256:` + 16 hex digits) of weights, config and tokenizer together."""
-    parts = [weights_digest(model, folder), config_digest(model.config), tokenizer_fingerprint(tokenizer)]
-    return "sha256:" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    """A stable fingerprint of weights, config and tokenizer together (see `combine`)."""
+    return combine(weights_digest(model, folder), config_digest(model.config), tokenizer_fingerprint(tokenizer))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 
@@ -12,7 +11,7 @@ def fingerprint_source(source: str, tokenizer=None, trust_remote_code: bool = Fa
     Hashing a folder streams its safetensors tensors one at a time, so the driver of a job never holds
     the model; presets (no folder) are built on the CPU to hash.
     """
-    from .fingerprint import config_digest, tokenizer_fingerprint, weights_digest
+    from .fingerprint import combine, config_digest, tokenizer_fingerprint, weights_digest
     from .loading import load_model, load_tokenizer, quiet_transformers, resolve_source
 
     quiet_transformers()
@@ -29,8 +28,7 @@ def fingerprint_source(source: str, tokenizer=None, trust_remote_code: bool = Fa
 
     tok = load_tokenizer(tokenizer or folder, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code, local_files_only=True)
-    parts = [weights_digest(None, folder), config_digest(config), tokenizer_fingerprint(tok)]
-    return "sha256:" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return combine(weights_digest(None, folder), config_digest(config), tokenizer_fingerprint(tok))
 
 
 def package_versions() -> dict[str, str]:
