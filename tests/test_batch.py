@@ -18,6 +18,7 @@ import pytest
 
 from aitextgen_batch.batch.api import generate_dataset
 from aitextgen_batch.batch.verify import replay_row, verify_output
+from aitextgen_batch.config import flag
 from aitextgen_batch.errors import UserError
 from tests.conftest import WORDS
 
@@ -47,6 +48,25 @@ def write_prompts(folder: Path, n_files: int = 3, rows: int = 40, start: int = 0
             folder / f"part{f}.parquet",
         )
     return folder
+
+
+def generate_cmd(**flags) -> list[str]:
+    """The `aitextgen-batch generate` command line for BASE's sampling plus `flags`."""
+    argv = [sys.executable, "-m", "aitextgen_batch", "generate"]
+    for name, value in {**BASE, **flags}.items():
+        argv += [flag(name)] if value is True else [flag(name), str(value)]
+    return argv
+
+
+def kill_driver_after(cmd: list[str], done_count, at_least: int) -> None:
+    """Run `cmd` in its own process group; once `done_count()` reaches `at_least`, SIGKILL the group: the
+    driver and the local Ray it started."""
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and done_count() < at_least:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def texts(out: Path) -> dict:
@@ -204,39 +224,16 @@ def test_actor_sigkilled_mid_job_is_restarted_and_output_is_exact(reference, tin
 @pytest.mark.slow
 def test_killed_driver_loses_nothing_and_rerun_resumes(reference, tiny_model_dir, prompts_dir, tmp_path):
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "aitextgen_batch",
-        "generate",
-        "--input",
-        str(prompts_dir),
-        "--output",
-        str(out),
-        "--model",
-        str(tiny_model_dir),
-        "--num-actors",
-        "1",
-        "--shard-rows",
-        "5",
-        "--batch-size",
-        "4",
-        "--num-return-sequences",
-        "2",
-        "--max-new-tokens",
-        "6",
-        "--temperature",
-        "1.0",
-        "--top-k",
-        "0",
-        "--quiet",
-    ]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("_done/*.json"))) < 3:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait()
+    cmd = generate_cmd(
+        input=prompts_dir,
+        output=out,
+        model=tiny_model_dir,
+        num_actors=1,
+        shard_rows=5,
+        batch_size=4,
+        num_return_sequences=2,
+    )
+    kill_driver_after(cmd, lambda: len(list(out.glob("_done/*.json"))), 3)
     finished = len(list(out.glob("_done/*.json")))
     assert 3 <= finished < 24
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 from aitextgen_batch.batch.api import generate_dataset
 from aitextgen_batch.batch.verify import verify_output
 from aitextgen_batch.storage import Location, upload_folder
-from tests.test_batch import BASE, texts, write_prompts
+from tests.test_batch import BASE, generate_cmd, kill_driver_after, texts, write_prompts
 
 
 def _free_port() -> int:
@@ -63,51 +62,20 @@ def s3(tmp_path_factory):
                 os.environ[k] = v
 
 
-def _upload_prompts(local_dir, uri):
-    upload_folder(local_dir, uri)
-    return uri
-
-
 @pytest.mark.slow
 def test_generate_s3_to_s3_kill_resume_and_read_with_pandas(s3, ray_local, tiny_model_dir, tmp_path):
     local_in = write_prompts(tmp_path / "in", n_files=2, rows=30)
-    inp = _upload_prompts(local_in, "s3://bkt/prompts")
+    inp = "s3://bkt/prompts"
+    upload_folder(local_in, inp)
     model = "s3://bkt/models/tiny"
     upload_folder(tiny_model_dir, model)
     ref = tmp_path / "ref"
     generate_dataset(input=str(local_in), output=str(ref), model=str(tiny_model_dir), shard_rows=5, **BASE)
 
     out = "s3://bkt/results/run1"
-    cmd = [
-        sys.executable,
-        "-m",
-        "aitextgen_batch",
-        "generate",
-        "--input",
-        inp,
-        "--output",
-        out,
-        "--model",
-        model,
-        "--num-actors",
-        "1",
-        "--shard-rows",
-        "5",
-        "--max-new-tokens",
-        "6",
-        "--temperature",
-        "1.0",
-        "--top-k",
-        "0",
-        "--quiet",
-    ]
+    cmd = generate_cmd(input=inp, output=out, model=model, num_actors=1, shard_rows=5)
     loc = Location(out)
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(loc.list("_done")) < 2:
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_driver_after(cmd, lambda: len(loc.list("_done")), 2)
     finished = len(loc.list("_done"))
     assert 2 <= finished < 12
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
