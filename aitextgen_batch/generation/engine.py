@@ -1,35 +1,48 @@
 """The batch-invariant generation engine: every item's text depends on its prompt, seed and params alone.
 
 Why the text cannot depend on the rest of the batch (each point was measured to matter on CPU fp32):
-- Shapes: the model always runs on blocks of exactly `slots` rows (unused rows are dummies), because
-  a matmul's row results change with its row count (1, 2-3, 4-6 and >= 7 rows took different kernels).
-  `batch_size` only decides how many items are scheduled together, never a kernel's shape.
-- Padding: a prompt is left-padded to a bucket length that depends on its own length, so its attention
-  reductions run over the same number of keys wherever it is placed; rows in a block share a bucket.
-- Attention: eager, which is exact row-wise (sdpa was not).
-- Randomness: a counter-based draw per (seed, attempt, step) (`seeds.uniform`); the token choice is
-  row-wise numpy (`sampling.choose_tokens`).
-So a block's forward passes compute the same bits for a row whatever its neighbours are, and the
-result is byte-identical alone, in any batch size, order or subset.
+- Shapes: the model only ever runs on fixed shapes, because a matmul's row results change with its row
+  count (1, 2-3, 4-6 and >= 7 rows took different kernels). A prefill is (`prefill_rows`, bucket) and a
+  decode step is (`slots`, 1) over a cache of `cache_length(bucket, max_new_tokens)` positions; unused
+  rows are dummies. `batch_size` only decides how many items are scheduled together.
+- Layout: a prompt is left-padded to a bucket that depends on its own length, and token `s` of an item
+  always sits at cache index `bucket + s` (`kvcache.SlotCache` writes each row at its own position),
+  so an item's attention runs over the same keys at the same places whenever and wherever it starts.
+- Attention: eager, which is exact row-wise under fixed shapes.
+- Randomness: a counter-based draw per (seed, attempt, step) computed on the device
+  (`seeds.uniform_tensor`); the token choice (`sampler.sample`) is row-wise with integer prefix sums.
+So a row's bits are the same alone, in any batch size, order or subset, and whether or not its slot was
+refilled mid-block (`refill`): when an item finishes, the next waiting item of the same cache length
+takes its slot at the next check, instead of the slot idling until the whole block ends.
+
+The decode loop (`slots.Decoder`) keeps all per-step work on the device: sampling, eos and length
+tracking, and, on CUDA, captured graphs for the step and each prefill width. The host looks every
+`check_every` steps, for stop strings (`stops.StopMatcher`, which decodes only new tokens), finished
+rows and refills.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections import defaultdict
+import math
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ..errors import UserError
 from .params import SamplingParams
-from .sampling import choose_tokens
-from .seeds import derive_seed, sample_seed, stream_key, uniform
+from .seeds import derive_seed, sample_seed, stream_key
 
 # Re-draws of an empty output (nonempty_output) before giving up and returning the empty text.
 MAX_ATTEMPTS = 8
 DEFAULT_SLOTS = {"cpu": 32, "cuda": 64}
+# How many decode steps run between two looks of the host: a look syncs with the device, so on a GPU
+# it is rarer; on a CPU it costs nothing and frees finished slots at once.
+DEFAULT_CHECK_EVERY = {"cpu": 1, "cuda": 8}
+# Versions of the engine's arithmetic: a job made by one cannot be resumed by another.
+NUMERICS_VERSION = 2
+# Decoders (cache + captured graphs) kept per engine, least recently used dropped first.
+MAX_DECODERS = 4
 
 
 @dataclass
@@ -52,7 +65,9 @@ class GenerationResult:
 class _Work:
     result: GenerationResult
     prompt_ids: list[int]
+    bucket: int
     attempt: int = 0
+    checked: int = 0  # leading tokens known to hold no stop string
 
 
 def bucket_length(n: int, limit: int) -> int:
@@ -63,11 +78,47 @@ def bucket_length(n: int, limit: int) -> int:
     return max(n, min(b, limit))
 
 
+def cache_length(bucket: int, max_new_tokens: int) -> int:
+    """Cache positions for a bucket: room for every new token, rounded up to 64 so few shapes exist."""
+    return 64 * math.ceil((bucket + max_new_tokens) / 64)
+
+
+def default_prefill_rows(slots: int) -> int:
+    """Rows per prefill: an eighth of the slots (at least 2), so a refill waits for few free slots."""
+    return min(slots, max(2, slots // 8))
+
+
 class Engine:
     """Batched, seeded, batch-invariant decoding for any Hugging Face causal LM."""
 
-    def __init__(self, model, tokenizer, *, slots: int | None = None, source: str | None = None, folder=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        slots: int | None = None,
+        prefill_rows: int | None = None,
+        refill: bool = True,
+        check_every: int | None = None,
+        graphs: bool | None = None,
+        self_check: bool = True,
+        source: str | None = None,
+        folder=None,
+    ):
+        """Wrap a loaded model (eager attention) and its tokenizer.
+
+        Args:
+            slots: rows per decode step (fixed shape; part of the numerics), >= 2.
+            prefill_rows: rows per prefill (fixed shape; part of the numerics); default `slots // 8`, >= 2.
+            refill: start a waiting item in a slot as soon as its item finishes (never changes any text).
+            check_every: decode steps between two looks of the host (never changes any text).
+            graphs: capture CUDA graphs (default: on CUDA); eager otherwise.
+            self_check: compare a short cached greedy decode against a full forward pass of the model and
+                refuse the model if they differ (an architecture the engine cannot serve exactly).
+        """
         import torch
+
+        from .slots import ModelRunner
 
         self.model = model
         self.tokenizer = tokenizer
@@ -76,6 +127,14 @@ class Engine:
         self.slots = int(slots or DEFAULT_SLOTS.get(self.device.type, 32))
         if self.slots < 2:
             raise UserError(f"slots must be >= 2 (a 1-row matmul takes another kernel path), got {self.slots}")
+        self.prefill_rows = int(prefill_rows or default_prefill_rows(self.slots))
+        if not 2 <= self.prefill_rows <= self.slots:
+            raise UserError(f"prefill_rows must be between 2 and slots ({self.slots}), got {self.prefill_rows}")
+        self.refill = bool(refill)
+        self.check_every = int(check_every or DEFAULT_CHECK_EVERY.get(self.device.type, 1))
+        if graphs and self.device.type != "cuda":
+            raise UserError(f"CUDA graphs need a CUDA device; the model is on {self.device.type}")
+        self.graphs = self.device.type == "cuda" if graphs is None else bool(graphs)
         self.source = source
         self._folder = folder
         self._fingerprint: str | None = None
@@ -88,10 +147,17 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._torch = torch
+        _refuse_unservable(cfg)
         forward_args = inspect.signature(model.forward).parameters
         # transformers 5.24 renamed `past_key_values` to `cache`; remote-code models may still use the old name.
-        self._cache_kw = "cache" if "cache" in forward_args else "past_key_values"
-        self._keeps_logits = "logits_to_keep" in forward_args or "kwargs" in forward_args
+        cache_kw = "cache" if "cache" in forward_args else "past_key_values"
+        keeps_logits = "logits_to_keep" in forward_args or "kwargs" in forward_args
+        self._runner = ModelRunner(model, cache_kw, keeps_logits)
+        self._decoders: OrderedDict = OrderedDict()
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self.stats = {"warmup_seconds": 0.0, "decoders": 0, "graphs": self.graphs}
+        if self_check:
+            self._self_check()
 
     @classmethod
     def from_pretrained(
@@ -101,6 +167,8 @@ class Engine:
         dtype=None,
         *,
         slots: int | None = None,
+        prefill_rows: int | None = None,
+        refill: bool = True,
         threads: int | None = None,
         tokenizer=None,
         trust_remote_code: bool = False,
@@ -112,7 +180,9 @@ class Engine:
             source: model folder, cached hub id, or preset (with `tokenizer`).
             device: default CUDA when available, else CPU.
             dtype: default fp32 on CPU, bf16/fp16 on GPU.
-            slots: rows per forward pass (fixed shape). Part of the numerics: keep it to replay rows.
+            slots: rows per decode step (fixed shape). Part of the numerics: keep it to replay rows.
+            prefill_rows: rows per prefill (fixed shape). Part of the numerics too.
+            refill: refill finished slots at once (speed only; never changes any text).
             threads: torch CPU threads (results do not depend on it; speed does).
         """
         import torch
@@ -131,7 +201,15 @@ class Engine:
             allow_pickle=allow_pickle,
         )
         resolved = resolve_source(source)
-        return cls(model, tok, slots=slots, source=resolved.source, folder=resolved.folder)
+        return cls(
+            model,
+            tok,
+            slots=slots,
+            prefill_rows=prefill_rows,
+            refill=refill,
+            source=resolved.source,
+            folder=resolved.folder,
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -150,6 +228,8 @@ class Engine:
             "device": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),
             "slots": self.slots,
+            "prefill_rows": self.prefill_rows,
+            "numerics": NUMERICS_VERSION,
         }
 
     # ---------------------------------------------------------------- encoding
@@ -215,8 +295,8 @@ class Engine:
             prompts: prompt strings (a non-string becomes a per-row error result).
             seeds: one seed per prompt; default `derive_seed(0, index)`.
             params: sampling parameters (default `SamplingParams()`).
-            batch_size: items scheduled together (grouped by prompt length). It never changes any text.
-            on_progress: called with (results finished, tokens generated) after each block.
+            batch_size: items scheduled together (grouped by cache length). It never changes any text.
+            on_progress: called with (results finished, tokens generated) whenever results finish.
         """
         params = params or SamplingParams()
         if batch_size < 1:
@@ -226,6 +306,7 @@ class Engine:
         if len(seeds) != len(prompts):
             raise UserError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt")
         encoded = self._encode(prompts, params)
+        limit = self.context_length - params.max_new_tokens
         results: list[GenerationResult] = []
         work: list[_Work] = []
         for i, ((ids, err), seed) in enumerate(zip(encoded, seeds, strict=True)):
@@ -236,127 +317,197 @@ class Engine:
                     r.error, r.finish_reason, r.attempts = err, "error", 0
                 else:
                     r.num_prompt_tokens = len(ids)
-                    work.append(_Work(r, ids))
-        done_count = len(results) - len(work)
-        tokens = 0
-        for start in range(0, len(work), batch_size):
-            pending = work[start : start + batch_size]
-            while pending:
-                redo: list[_Work] = []
-                for block, bucket in self._blocks(pending, params):
-                    tokens += self._run_block(block, bucket, params)
-                    for w in block:
-                        if (
-                            params.nonempty_output
-                            and not w.result.text.strip()
-                            and w.attempt + 1 < MAX_ATTEMPTS
-                            and w.result.finish_reason != "error"
-                        ):
-                            w.attempt += 1
-                            redo.append(w)
-                        else:
-                            done_count += 1
-                    if on_progress:
-                        on_progress(done_count, tokens)
-                pending = redo
+                    work.append(_Work(r, ids, bucket_length(len(ids), limit)))
+        progress = _Progress(len(results) - len(work), on_progress)
+        with self._torch.inference_mode():
+            for start in range(0, len(work), batch_size):
+                self._run(work[start : start + batch_size], params, progress)
         return results
 
-    def _blocks(self, work: list[_Work], params: SamplingParams):
-        """Group by bucket (order of first appearance), then cut into blocks of at most `slots` rows."""
-        limit = self.context_length - params.max_new_tokens
-        groups: dict[int, list[_Work]] = defaultdict(list)
+    def _run(self, work: list[_Work], params: SamplingParams, progress: _Progress) -> None:
+        """Decode `work`: one queue per cache length (in order of first appearance), each through its decoder."""
+        from .sampler import SamplerShape
+        from .stops import StopMatcher
+
+        shape = SamplerShape.of(params, self.vocab_size)
+        matcher = StopMatcher(self.tokenizer, params.stop, params.skip_special_tokens) if params.stop else None
+        queues: dict[int, deque[_Work]] = {}
         for w in work:
-            groups[bucket_length(len(w.prompt_ids), limit)].append(w)
-        for bucket, ws in groups.items():
-            for s in range(0, len(ws), self.slots):
-                yield ws[s : s + self.slots], bucket
+            queues.setdefault(cache_length(w.bucket, params.max_new_tokens), deque()).append(w)
+        for length, queue in queues.items():
+            decoder = self._decoder(length, shape, sorted({w.bucket for w in queue}))
+            self._drain(decoder, queue, params, matcher, progress)
 
-    def _forward(self, ids, mask, pos, cache):
-        kwargs = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "position_ids": pos,
-            self._cache_kw: cache,
-            "use_cache": True,
-        }
-        if self._keeps_logits:  # compute the vocabulary projection for the last position only
-            kwargs["logits_to_keep"] = 1
-        return self.model(**kwargs).logits[:, -1, :]
+    def _decoder(self, length: int, shape, widths: list[int]):
+        """The decoder for (cache length, sampler shape), created (and its graphs captured) on first use."""
+        from .slots import Decoder
 
-    def _run_block(self, block: list[_Work], bucket: int, params: SamplingParams) -> int:
-        """Decode one fixed-shape block of `slots` rows; fills each row's result. Returns tokens generated."""
-        torch = self._torch
-        from transformers import StaticCache
+        key = (length, shape)
+        dec = self._decoders.pop(key, None)
+        if dec is None:
+            while len(self._decoders) >= MAX_DECODERS:
+                self._decoders.popitem(last=False)
+            dec = Decoder(
+                self._runner,
+                slots=self.slots,
+                prefill_rows=self.prefill_rows,
+                length=length,
+                shape=shape,
+                eos_id=self.eos_id,
+                pad_id=self.pad_id,
+                device=self.device,
+                graphs=self.graphs,
+                pool=self._pool,
+            )
+            self.stats["decoders"] += 1
+        before = dec.warmup_seconds
+        dec.prepare(widths)
+        self.stats["warmup_seconds"] += dec.warmup_seconds - before
+        self.stats["graphs"] = self.graphs and dec.use_graphs
+        self._decoders[key] = dec
+        return dec
 
-        n, rows = len(block), self.slots
-        ids = np.full((rows, bucket), self.pad_id, dtype=np.int64)
-        mask = np.zeros((rows, bucket), dtype=np.int64)
-        pos = np.zeros((rows, bucket), dtype=np.int64)
-        for j in range(rows):
-            p = block[j].prompt_ids if j < n else [self.eos_id]  # dummy rows: one eos token
-            ids[j, bucket - len(p) :] = p
-            mask[j, bucket - len(p) :] = 1
-            pos[j, bucket - len(p) :] = np.arange(len(p))
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = np.zeros((n, self.vocab_size), dtype=bool)
-            for j, w in enumerate(block):
-                seen[j, [t for t in w.prompt_ids if t < self.vocab_size]] = True
-        keys = [stream_key(w.result.seed, w.attempt) for w in block]
-        gen: list[list[int]] = [[] for _ in range(n)]
-        finish: list[str | None] = [None] * n
-        next_pos = pos[:, -1] + 1
-        dev = self.device
-        t_ids, t_mask = torch.from_numpy(ids).to(dev), torch.from_numpy(mask).to(dev)
-        # A preallocated cache: no per-step concatenation, and its length depends on the row's bucket only.
-        cache = StaticCache(config=self.model.config, max_cache_len=bucket + params.max_new_tokens)
-        generated = 0
-        with torch.inference_mode():
-            logits = self._forward(t_ids, t_mask, torch.from_numpy(pos).to(dev), cache)
-            for step in range(params.max_new_tokens):
-                active = [j for j in range(n) if finish[j] is None]
-                lg = logits[:n].float().cpu().numpy()[active]
-                u = np.array([uniform(keys[j], step) for j in active])
-                suppress = [self.eos_id] if step < params.min_new_tokens and self.eos_id is not None else None
-                chosen = choose_tokens(lg, params, u, None if seen is None else seen[active], suppress)
-                feed = np.full((rows, 1), self.eos_id, dtype=np.int64)
-                for j, tok in zip(active, chosen.tolist(), strict=True):
-                    feed[j, 0] = tok
-                    generated += 1
-                    if tok == self.eos_id:
-                        finish[j] = "eos"
-                        continue
-                    gen[j].append(tok)
-                    if seen is not None:
-                        seen[j, tok] = True
-                    if params.stop and self._stop_index(gen[j], params) is not None:
-                        finish[j] = "stop"
-                    elif len(gen[j]) >= params.max_new_tokens:
-                        finish[j] = "length"
-                if all(f is not None for f in finish):
-                    break
-                t_mask = torch.cat([t_mask, torch.ones((rows, 1), dtype=t_mask.dtype, device=dev)], dim=1)
-                step_pos = torch.from_numpy(next_pos[:, None] + step).to(dev)
-                logits = self._forward(torch.from_numpy(feed).to(dev), t_mask, step_pos, cache)
-        for j, w in enumerate(block):
-            self._finish(w, gen[j], finish[j] or "length", params)
-        return generated
+    def _drain(self, dec, queue: deque[_Work], params: SamplingParams, matcher, progress: _Progress) -> None:
+        """Run every item of `queue` through `dec`, refilling slots as items finish (if `refill`)."""
+        from .slots import EOS, Admission
 
-    def _decode(self, token_ids: list[int], params: SamplingParams) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
+        free = list(range(self.slots - 1, -1, -1))
+        active: dict[int, _Work] = {}
+        while queue or active:
+            # Without refill a block is admitted only when the last one has ended. With it, free slots are
+            # filled once a whole prefill's worth is free (a prefill costs the same for 1 row or all).
+            wanted = min(self.prefill_rows, len(queue))
+            if queue and free and (not active or (self.refill and len(free) >= wanted)):
+                batch = []
+                for _ in range(min(len(free), len(queue))):
+                    w, slot = queue.popleft(), free.pop()
+                    active[slot] = w
+                    key = stream_key(w.result.seed, w.attempt)
+                    batch.append((slot, Admission(w.prompt_ids, w.bucket, key, params)))
+                dec.admit(batch)
+            dec.steps(self.check_every)
+            polled = dec.poll()
+            stopped = []
+            for slot, w in list(active.items()):
+                alive, code = bool(polled.alive[slot]), int(polled.finish[slot])
+                tokens = polled.tokens[slot, : polled.steps[slot]].tolist()
+                if not alive and code == EOS:
+                    tokens.pop()  # the eos itself is counted, never part of the text
+                reason = None
+                if matcher is not None:
+                    n = matcher.first_stop(tokens, w.checked)
+                    if n is not None:
+                        reason, tokens = "stop", tokens[:n]
+                        if alive:
+                            stopped.append(slot)
+                    w.checked = len(tokens)
+                if reason is None and not alive:
+                    reason = "eos" if code == EOS else "length"
+                if reason is None:
+                    continue
+                del active[slot]
+                free.append(slot)
+                self._finish(w, tokens, reason, params, matcher)
+                progress.tokens += w.result.num_generated_tokens
+                if self._redraw(w, params):
+                    w.attempt, w.checked = w.attempt + 1, 0
+                    queue.append(w)
+                else:
+                    progress.done += 1
+            dec.stop_rows(stopped)
+            progress.report()
 
-    def _stop_index(self, token_ids: list[int], params: SamplingParams) -> int | None:
-        text = self._decode(token_ids, params)
-        hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
-        return min(hits) if hits else None
+    @staticmethod
+    def _redraw(w: _Work, params: SamplingParams) -> bool:
+        return params.nonempty_output and not w.result.text.strip() and w.attempt + 1 < MAX_ATTEMPTS
 
-    def _finish(self, w: _Work, token_ids: list[int], reason: str, params: SamplingParams) -> None:
+    def _finish(self, w: _Work, token_ids: list[int], reason: str, params: SamplingParams, matcher) -> None:
         r = w.result
-        text = self._decode(token_ids, params)
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
         if reason == "stop":
-            text = text[: self._stop_index(token_ids, params)]
+            text = matcher.cut(text)
         if params.lstrip:
             text = text.lstrip()
         r.text, r.token_ids, r.finish_reason, r.error = text, token_ids, reason, None
         r.num_generated_tokens = len(token_ids) + (reason == "eos")
         r.attempts = w.attempt + 1
+
+    # ---------------------------------------------------------------- self-check
+
+    def _self_check(self, steps: int = 4) -> None:
+        """Refuse a model whose cached, padded decode differs from its own full forward pass.
+
+        A short greedy decode through the real prefill/decode path (left padding, per-row cache writes,
+        ready-made masks, sliding windows) is compared, logit by logit, with one plain forward pass over
+        the same tokens. An architecture whose layers do not go through the cache or masks the way the
+        engine assumes would give wrong text; it is refused instead.
+        """
+        import torch
+
+        from .sampler import SamplerShape
+        from .slots import Admission, Decoder
+
+        windows = [w for w in self._runner.kinds.by_kind.values() if w]
+        n = max(24, 2 * max(windows) + 8) if windows else 24
+        n = max(2, min(n, 512, self.context_length - steps - 1))
+        ids = [(i * 7919 + 13) % self.vocab_size for i in range(n)]
+        bucket = bucket_length(n, n)
+        params = SamplingParams(max_new_tokens=steps, min_new_tokens=steps, temperature=0, nonempty_output=False)
+        with torch.inference_mode():
+            try:
+                dec = Decoder(
+                    self._runner,
+                    slots=2,
+                    prefill_rows=2,
+                    length=cache_length(bucket, steps),
+                    shape=SamplerShape(self.vocab_size, self.vocab_size, False, False),
+                    eos_id=self.eos_id,
+                    pad_id=self.pad_id,
+                    device=self.device,
+                    graphs=False,
+                )
+                dec.admit([(0, Admission(ids, bucket, 0, params))])
+                got = [dec.logits[0].clone()]
+                for _ in range(steps - 1):
+                    dec.steps(1)
+                    got.append(dec.logits[0].clone())
+                fed = ids + dec.tokens[0, : steps - 1].tolist()
+                want = self.model(torch.tensor([fed], device=self.device)).logits[0, n - 1 :].float()
+            except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+                raise UserError(
+                    f"model type {self.model.config.model_type!r} cannot run in the batch-invariant engine: "
+                    f"its forward pass failed with a per-row cache and explicit masks ({type(exc).__name__}: {exc})"
+                ) from exc
+        got = torch.stack(got)
+        err = float(((got - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-6)).max())
+        tolerance = 1e-4 if self.dtype == torch.float32 else 5e-2
+        if not err <= tolerance:
+            raise UserError(
+                f"model type {self.model.config.model_type!r} cannot be served exactly by the batch-invariant "
+                f"engine: its cached, padded decode differs from a full forward pass (relative error {err:.2g} > "
+                f"{tolerance:g}); it would produce wrong text, so it is refused"
+            )
+
+
+class _Progress:
+    """Counts finished results and generated tokens; reports to the caller's callback when they change."""
+
+    def __init__(self, done: int, callback: Callable[[int, int], None] | None):
+        self.done, self.tokens, self.callback = done, 0, callback
+        self._reported = (-1, -1)
+
+    def report(self) -> None:
+        if self.callback and (self.done, self.tokens) != self._reported:
+            self._reported = (self.done, self.tokens)
+            self.callback(self.done, self.tokens)
+
+
+def _refuse_unservable(config) -> None:
+    """Architectures whose attention bias is built from a 2D padding mask (ALiBi) cannot take our masks."""
+    if getattr(config, "alibi", False) or getattr(config, "use_alibi", False) or config.model_type in ("bloom", "mpt"):
+        raise UserError(
+            f"model type {config.model_type!r} uses ALiBi position biases, which the batch-invariant engine "
+            "cannot serve with its per-row cache"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"model type {config.model_type!r} is an encoder-decoder; the engine serves causal LMs")

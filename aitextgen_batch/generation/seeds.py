@@ -11,6 +11,9 @@ process) or a generator shared by the batch.
   `derive_seed(seed, "sample", k)`.
 - `uniform(seed, attempt, step)`: splitmix64 applied to the seed, then mixed with the attempt and the step;
   the top 53 bits give a float in [0, 1).
+
+The same draw exists as integer tensor ops (`uniform_tensor`), so the engine computes every row's draw on
+its own device without a host round trip; a test checks it equals `uniform` bit for bit.
 """
 
 from __future__ import annotations
@@ -51,3 +54,38 @@ def stream_key(seed: int, attempt: int = 0) -> int:
 def uniform(key: int, step: int) -> float:
     """The item's uniform draw in [0, 1) at decoding step `step`."""
     return (splitmix64(key ^ splitmix64(step + 0x5EED)) >> 11) * (1.0 / (1 << 53))
+
+
+# splitmix64's constants as signed 64-bit integers: torch has no uint64 arithmetic, but two's-complement
+# addition and multiplication wrap exactly like their unsigned counterparts.
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def to_signed64(x: int) -> int:
+    """An unsigned 64-bit key as the signed int64 that holds the same bits (for tensors)."""
+    return _signed(int(x) & MASK64)
+
+
+def _shift_right(x, k: int):
+    """Logical right shift of an int64 tensor (`>>` on int64 is arithmetic: it copies the sign bit)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64_tensor(x):
+    """`splitmix64` on an int64 tensor holding 64-bit words (elementwise, any device)."""
+    x = x + _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def uniform_tensor(keys, steps):
+    """`uniform(key, step)` for int64 tensors of keys (as `to_signed64`) and steps: float64 draws in [0, 1)."""
+    import torch
+
+    mixed = splitmix64_tensor(keys ^ splitmix64_tensor(steps + 0x5EED))
+    return _shift_right(mixed, 11).to(torch.float64) * (1.0 / (1 << 53))
