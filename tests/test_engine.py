@@ -12,8 +12,9 @@ import torch
 
 from aitextgen_batch.errors import UserError
 from aitextgen_batch.generation import Engine, SamplingParams, derive_seed, sample_seed
+from aitextgen_batch.generation.sampler import RowParams, SamplerShape, sample
 from aitextgen_batch.generation.sampling import choose_tokens, softmax_reference
-from aitextgen_batch.generation.seeds import stream_key, uniform
+from aitextgen_batch.generation.seeds import MASK64, stream_key, to_signed64, uniform, uniform_tensor
 from tests.conftest import WORDS
 
 
@@ -168,6 +169,32 @@ def test_nonempty_output_redraws_deterministically(tiny_model_dir):
     assert (solo.text, solo.attempts) == (strict[empty[0]].text, strict[empty[0]].attempts)
 
 
+def test_refill_and_any_order_give_the_same_bytes(tiny_model_dir):
+    """Rows finish at very different steps (eos-biased head, stop strings, empty-output redraws): slots are
+    refilled mid-block, yet every row equals its run with refill off, in any order, checked at any cadence."""
+    eng = _eos_biased_engine(tiny_model_dir, 3.5)
+    eng.slots, eng.prefill_rows = 8, 2
+    prompts, seeds = prompts_and_seeds(60, seed=11)
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, top_k=0, stop=["ox"], num_return_sequences=2)
+
+    def run(order, batch_size, refill, check_every):
+        eng.refill, eng.check_every = refill, check_every
+        eng.stats.update(refills=0, admissions=0)
+        res = eng.generate([prompts[i] for i in order], [seeds[i] for i in order], params, batch_size)
+        return {(order[r.item_index], r.sample_index): (r.text, r.finish_reason, r.token_ids, r.attempts) for r in res}
+
+    ref = run(range(60), 60, refill=False, check_every=1)
+    assert eng.stats["refills"] == 0
+    reasons = {v[1] for v in ref.values()}
+    assert {"eos", "stop", "length"} <= reasons and max(v[3] for v in ref.values()) > 1
+    assert run(range(60), 60, refill=True, check_every=1) == ref
+    assert eng.stats["refills"] > 40
+    order = list(range(60))
+    random.Random(5).shuffle(order)
+    assert run(order, 13, refill=True, check_every=3) == ref
+    assert run(order[:7], 7, refill=True, check_every=2) == {k: v for k, v in ref.items() if k[0] in order[:7]}
+
+
 def test_num_return_sequences_each_sample_has_its_seed(engine):
     prompts, seeds = prompts_and_seeds(5, seed=9)
     params = SamplingParams(max_new_tokens=8, temperature=1.0, num_return_sequences=3)
@@ -183,20 +210,94 @@ def test_num_return_sequences_each_sample_has_its_seed(engine):
     assert len({r.text for r in res if r.item_index == 0}) > 1
 
 
-def test_sampled_frequencies_match_softmax():
+def _device_sample(logits: np.ndarray, params: SamplingParams, u: np.ndarray, steps=None, seen=None):
+    """`sampler.sample` on CPU tensors, every row with `params`."""
+    rows = len(logits)
+    p = RowParams(rows, "cpu")
+    p.set_rows(torch.arange(rows), params)
+    shape = SamplerShape.of(params, logits.shape[1])
+    return sample(
+        torch.from_numpy(logits),
+        torch.from_numpy(u),
+        p,
+        shape,
+        torch.zeros(rows, dtype=torch.int64) if steps is None else steps,
+        None,
+        None if seen is None else torch.from_numpy(seen),
+    ).numpy()
+
+
+LAWS = [
+    SamplingParams(temperature=0.8, top_k=0),
+    SamplingParams(temperature=1.3, top_k=20),
+    SamplingParams(temperature=0.8, top_k=0, top_p=0.7),
+    SamplingParams(temperature=0.8, top_k=20, top_p=0.9),
+]
+
+
+@pytest.mark.parametrize("params", LAWS, ids=["temperature", "top_k", "top_p", "all"])
+@pytest.mark.parametrize("sampler", ["numpy", "device"])
+def test_sampled_frequencies_match_softmax(params, sampler):
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 2, size=50).astype(np.float32)
-    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9)
     n = 40_000
     u = np.array([uniform(stream_key(s), 0) for s in range(n)])
-    chosen = choose_tokens(np.repeat(logits[None, :], n, axis=0), params, u)
+    rows = np.repeat(logits[None, :], n, axis=0)
+    chosen = choose_tokens(rows, params, u) if sampler == "numpy" else _device_sample(rows, params, u)
     freq = np.bincount(chosen, minlength=50) / n
     want = softmax_reference(logits, params)
     # Tolerance: with n = 40,000 draws the standard error of a frequency is at most 0.0025, so 0.012 is > 4.5 sigma.
     assert np.abs(freq - want).max() < 0.012
     assert 0.5 * np.abs(freq - want).sum() < 0.02  # total variation
     assert freq[want == 0].sum() == 0  # tokens cut by top-k/top-p never appear
-    assert (want > 0).sum() <= 20
+    if params.top_k:
+        assert (want > 0).sum() <= params.top_k
+
+
+def test_device_draws_equal_the_documented_uniform():
+    rng = random.Random(0)
+    keys = [rng.getrandbits(64) for _ in range(3000)] + [0, 1, MASK64, 1 << 63]
+    steps = [rng.randrange(200_000) for _ in keys]
+    got = uniform_tensor(torch.tensor([to_signed64(k) for k in keys]), torch.tensor(steps)).tolist()
+    assert got == [uniform(k, s) for k, s in zip(keys, steps, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [*LAWS, SamplingParams(temperature=0), SamplingParams(temperature=0.9, top_k=5, repetition_penalty=1.4)],
+    ids=["temperature", "top_k", "top_p", "all", "greedy", "penalty"],
+)
+def test_device_sampler_chooses_like_the_numpy_reference(params):
+    """Same logits and draws: the device sampler's token equals the float64 reference's (but for rare
+    fixed-point rounding at a CDF boundary)."""
+    rng = np.random.default_rng(1)
+    rows, vocab = 3000, 300
+    logits = rng.normal(0, 3, size=(rows, vocab)).astype(np.float32)
+    u = rng.random(rows)
+    seen = rng.random((rows, vocab)) < 0.05
+    want = choose_tokens(logits, params, u, seen)
+    got = _device_sample(logits, params, u, seen=seen)
+    assert (got == want).mean() >= 0.999
+
+
+def test_device_sampler_ties_go_to_the_lower_token_id():
+    logits = np.zeros((4000, 10), dtype=np.float32)
+    logits[:, [2, 5, 7]] = 1.0  # three-way tie at the top
+    u = np.random.default_rng(2).random(4000)
+    picks = _device_sample(logits, SamplingParams(temperature=1.0, top_k=2), u)
+    assert set(np.unique(picks)) == {2, 5}  # top-2 keeps the two lowest ids of the tie
+    assert set(_device_sample(logits, SamplingParams(temperature=0), u)) == {2}  # argmax: lowest id
+
+
+def test_device_sampler_suppresses_eos_before_min_new_tokens():
+    logits = np.zeros((6, 10), dtype=np.float32)
+    logits[:, 3] = 50.0  # token 3 (eos here) is near certain
+    p = RowParams(6, "cpu")
+    p.set_rows(torch.arange(6), SamplingParams(temperature=1.0, min_new_tokens=2, max_new_tokens=5))
+    steps = torch.tensor([0, 1, 2, 3, 0, 4])
+    shape = SamplerShape.of(SamplingParams(), 10)
+    picks = sample(torch.from_numpy(logits), torch.full((6,), 0.5, dtype=torch.float64), p, shape, steps, 3)
+    assert [t == 3 for t in picks.tolist()] == [False, False, True, True, False, True]
 
 
 def test_over_long_prompt_is_a_row_error_or_left_truncated(engine):
@@ -235,7 +336,6 @@ def test_bad_params_name_the_field(kwargs, message):
 
 
 def test_seed_derivation_is_stable_across_processes():
-    assert derive_seed(0, "a", 0) == derive_seed(0, "a", 0)
     assert len({derive_seed(0, 1), derive_seed(0, "1"), derive_seed(1, 1), derive_seed(0, 1, 1)}) == 4
     code = "from aitextgen_batch.generation.seeds import derive_seed; print(derive_seed(42, 'row-7', 3))"
     outs = {

@@ -155,7 +155,9 @@ class Engine:
         self._runner = ModelRunner(model, cache_kw, keeps_logits)
         self._decoders: OrderedDict = OrderedDict()
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
-        self.stats = {"warmup_seconds": 0.0, "decoders": 0, "graphs": self.graphs}
+        # warm-up (graph capture) time, decoders built, whether graphs run, and items admitted into a block
+        # that was still running (refills) or into an empty one.
+        self.stats = {"warmup_seconds": 0.0, "decoders": 0, "graphs": self.graphs, "refills": 0, "admissions": 0}
         if self_check:
             self._self_check()
 
@@ -385,6 +387,7 @@ class Engine:
                     key = stream_key(w.result.seed, w.attempt)
                     batch.append((slot, Admission(w.prompt_ids, w.bucket, key, params)))
                 dec.admit(batch)
+                self.stats["refills" if len(active) > len(batch) else "admissions"] += len(batch)
             dec.steps(self.check_every)
             polled = dec.poll()
             stopped = []
