@@ -4,8 +4,8 @@
 against. Here every operation is a fixed-shape tensor op whose result for a row depends on that row
 alone, and none is a floating-point reduction whose order could vary between runs:
 
-- top-k keeps exactly k tokens, ties broken by lower token id: one `topk` over an integer key that
-  orders by logit then by id, so the kept set never depends on how a kernel breaks ties;
+- top-k keeps exactly k tokens, ties broken by lower token id (the k-th value is unambiguous; tokens
+  equal to it are ranked by id), so the kept set never depends on how a kernel breaks ties;
 - probabilities are fixed-point integers, `floor(exp(logit - max) * 2**F)` with `F` chosen so a whole
   vocabulary's sum stays below 2**53: their prefix sums (top-p and the inverse-CDF draw) are integer
   `cumsum`s, exact in any order (a float `cumsum` on CUDA is not deterministic). A token whose
@@ -25,9 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from .params import SamplingParams
-
-# Room for token ids in the low bits of the top-k ordering key (vocabularies up to 2**20 tokens).
-ID_BITS = 20
 
 
 @dataclass(frozen=True)
@@ -73,24 +70,26 @@ class RowParams:
         self.max_new.index_fill_(0, rows, params.max_new_tokens)
 
 
-def _order_key(logits: torch.Tensor) -> torch.Tensor:
-    """An int64 key per token that sorts like (logit, -token id): larger logit first, then lower id."""
-    bits = logits.view(torch.int32)
-    # Flip all but the sign bit of negative floats: the int32 patterns then order like the floats.
-    monotone = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
-    ids = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int64)
-    return monotone * (1 << ID_BITS) + ((1 << ID_BITS) - 1 - ids)
-
-
 def _candidates(lg: torch.Tensor, top_k: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best tokens of each row, in token-id order, and which of them are inside the row's own top_k."""
-    key_top = torch.topk(_order_key(lg), k, dim=-1, sorted=True).values  # rank order: best first
-    ids = (1 << ID_BITS) - 1 - (key_top & ((1 << ID_BITS) - 1))
-    rank = torch.arange(k, device=lg.device)
+    """The k best tokens of each row in token-id order, and which of them are inside the row's own top_k.
+
+    Ties are broken by lower token id wherever a kernel would be free to choose: the k-th value is
+    unambiguous, every token above it is kept, and tokens equal to it are ranked by id.
+    """
+    values = torch.topk(lg, k, dim=-1, sorted=True).values  # best first
+    kth = values[:, -1:]
+    vocab = lg.shape[-1]
+    ids = torch.arange(vocab, device=lg.device, dtype=torch.int32)
+    # Above the k-th value first (any order), then the ties by lower id; the rest never reach the top k.
+    score = torch.where(lg > kth, 2 * vocab - ids, torch.where(lg == kth, vocab - ids, -1))
+    ids = torch.sort(torch.topk(score, k, dim=-1).indices, dim=-1).values  # token-id order
+    cand = lg.gather(1, ids)
+    # A row whose own top_k is smaller keeps the tokens above its own k-th value, then ties by id.
     row_k = torch.where(top_k > 0, top_k, k).clamp(max=k)
-    inside = rank[None, :] < row_k[:, None]
-    ids, order = torch.sort(ids, dim=-1)  # token-id order, as `choose_tokens` lists candidates
-    return ids, inside.gather(1, order)
+    row_kth = values.gather(1, (row_k - 1)[:, None])
+    above, tie = cand > row_kth, cand == row_kth
+    need = row_k[:, None] - above.sum(dim=-1, keepdim=True)
+    return ids, cand, above | (tie & (torch.cumsum(tie.to(torch.int32), dim=-1) <= need))
 
 
 def _fixed_point(lg: torch.Tensor, bits: int) -> torch.Tensor:
@@ -141,8 +140,8 @@ def sample(
     greedy = lg.argmax(dim=-1)
 
     if shape.candidates < shape.vocab:
-        ids, inside = _candidates(lg, p.top_k, shape.candidates)
-        cand = torch.where(inside, lg.gather(1, ids).to(torch.float64), float("-inf"))
+        ids, cand, inside = _candidates(lg, p.top_k, shape.candidates)
+        cand = torch.where(inside, cand.to(torch.float64), float("-inf"))
     else:
         ids, cand = None, lg.to(torch.float64)
     hot = p.temperature > 0
