@@ -128,6 +128,35 @@ def test_max_new_tokens_and_stop(engine):
     assert stopped[full.index(target)].finish_reason == "stop"
 
 
+def test_stop_matcher_finds_the_first_stop_decoding_only_the_tail(engine):
+    from aitextgen_batch.generation.stops import StopMatcher
+
+    tok = engine.tokenizer
+    matcher = StopMatcher(tok, ["ox", "\u00e9", "  "])
+    lengths = []
+    real_decode = tok.decode
+    rng = random.Random(0)
+    found = 0
+    for _ in range(150):
+        ids = [rng.randrange(len(tok)) for _ in range(40)]  # byte tokens too: split UTF-8 characters
+        want = next((n for n in range(1, 41) if matcher.index(real_decode(ids[:n])) is not None), None)
+        found += want is not None
+        for every in (1, 4, 7):
+            checked, got = 0, None
+            lengths.clear()
+            tok.decode = lambda t, **kw: lengths.append(len(t)) or real_decode(t, **kw)
+            try:
+                while got is None and checked < 40:
+                    end = min(checked + every, 40)
+                    got, checked = matcher.first_stop(ids, checked, end), end
+            finally:
+                tok.decode = real_decode
+            assert got == want
+            if want is None:  # without a stop, no decode is wider than the new tokens plus the margin
+                assert max(lengths) <= every + matcher.margin
+    assert 20 < found < 140
+
+
 def _eos_biased_engine(model_dir, bias: float) -> Engine:
     eng = Engine.from_pretrained(str(model_dir), device="cpu")
     head = eng.model.lm_head

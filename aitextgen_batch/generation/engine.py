@@ -371,7 +371,7 @@ class Engine:
 
     def _drain(self, dec, queue: deque[_Work], params: SamplingParams, matcher, progress: _Progress) -> None:
         """Run every item of `queue` through `dec`, refilling slots as items finish (if `refill`)."""
-        from .slots import EOS, Admission
+        from .slots import Admission
 
         free = list(range(self.slots - 1, -1, -1))
         active: dict[int, _Work] = {}
@@ -392,25 +392,15 @@ class Engine:
             polled = dec.poll()
             stopped = []
             for slot, w in list(active.items()):
-                alive, code = bool(polled.alive[slot]), int(polled.finish[slot])
-                tokens = polled.tokens[slot, : polled.steps[slot]].tolist()
-                if not alive and code == EOS:
-                    tokens.pop()  # the eos itself is counted, never part of the text
-                reason = None
-                if matcher is not None:
-                    n = matcher.first_stop(tokens, w.checked)
-                    if n is not None:
-                        reason, tokens = "stop", tokens[:n]
-                        if alive:
-                            stopped.append(slot)
-                    w.checked = len(tokens)
-                if reason is None and not alive:
-                    reason = "eos" if code == EOS else "length"
-                if reason is None:
+                ended = self._ended(polled, slot, w, matcher)
+                if ended is None:
                     continue
+                reason, n = ended
+                if reason == "stop" and polled.alive[slot]:
+                    stopped.append(slot)
                 del active[slot]
                 free.append(slot)
-                self._finish(w, tokens, reason, params, matcher)
+                self._finish(w, polled.tokens[slot, :n].tolist(), reason, params, matcher)
                 progress.tokens += w.result.num_generated_tokens
                 if self._redraw(w, params):
                     w.attempt, w.checked = w.attempt + 1, 0
@@ -419,6 +409,22 @@ class Engine:
                     progress.done += 1
             dec.stop_rows(stopped)
             progress.report()
+
+    @staticmethod
+    def _ended(polled, slot: int, w: _Work, matcher) -> tuple[str, int] | None:
+        """(finish reason, tokens in the text) if the slot's item has ended, else None."""
+        from .slots import EOS
+
+        alive, code = bool(polled.alive[slot]), int(polled.finish[slot])
+        end = int(polled.steps[slot]) - (not alive and code == EOS)  # eos is counted, never part of the text
+        if matcher is not None:
+            n = matcher.first_stop(polled.tokens[slot], w.checked, end)
+            w.checked = end
+            if n is not None:
+                return "stop", n
+        if alive:
+            return None
+        return ("eos" if code == EOS else "length"), end
 
     @staticmethod
     def _redraw(w: _Work, params: SamplingParams) -> bool:

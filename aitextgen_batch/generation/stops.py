@@ -28,21 +28,21 @@ class StopMatcher:
         self.margin = 4 * max((len(s) for s in self.stops), default=0) + 8
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=self.skip_special_tokens)
+        return self.tokenizer.decode([int(t) for t in token_ids], skip_special_tokens=self.skip_special_tokens)
 
     def index(self, text: str) -> int | None:
         """Where the first stop string starts in `text`, or None."""
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         return min(hits) if hits else None
 
-    def first_stop(self, token_ids: Sequence[int], checked: int) -> int | None:
-        """The smallest n in (checked, len(token_ids)] whose prefix text holds a stop, or None.
+    def first_stop(self, token_ids: Sequence[int], checked: int, end: int) -> int | None:
+        """The smallest n in (checked, end] whose prefix text `token_ids[:n]` holds a stop, or None.
 
         Args:
-            token_ids: the row's generated tokens so far (eos excluded).
+            token_ids: the row's generated tokens (eos excluded up to `end`; any sequence, e.g. a numpy row).
             checked: how many leading tokens are known to hold no stop.
+            end: how many tokens the row has generated so far.
         """
-        end = len(token_ids)
         if not self.stops or end <= checked:
             return None
         if self.index(self.decode(token_ids[max(0, checked - self.margin) : end])) is None:
