@@ -22,6 +22,12 @@ class EngineConfig:
     slots: int | None = field(
         default=None, metadata={"help": "rows per forward pass (fixed shape; part of the numerics), >= 2"}
     )
+    prefill_rows: int | None = field(
+        default=None, metadata={"help": "rows per prefill (fixed shape; part of the numerics), 2..slots"}
+    )
+    refill: bool = field(
+        default=True, metadata={"help": "start a waiting item in a slot as soon as its item ends (speed only)"}
+    )
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads, >= 1"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run model code shipped with the weights"})
     allow_pickle: bool = field(default=False, metadata={"help": "accept pytorch_model.bin (pickle) weights"})
@@ -29,6 +35,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.slots is not None:
             check_range("slots", self.slots, 2)
+        if self.prefill_rows is not None:
+            check_range("prefill_rows", self.prefill_rows, 2, self.slots)
         if self.threads is not None:
             check_range("threads", self.threads, 1)
         if self.dtype is not None:
@@ -44,6 +52,8 @@ class EngineConfig:
             self.device,
             self.dtype,
             slots=self.slots,
+            prefill_rows=self.prefill_rows,
+            refill=self.refill,
             threads=self.threads,
             tokenizer=self.tokenizer,
             trust_remote_code=self.trust_remote_code,
