@@ -206,10 +206,13 @@ class Decoder:
                 self._step()
 
     def prepare(self, widths: list[int]) -> None:
-        """Allocate the cache and capture the graphs for these prefill widths now (warm-up before timing)."""
-        for w in widths:
-            self._run_prefill(self._prefill_inputs(w, []))
+        """Capture the decode step and these prefill widths now, before any item runs (no-op without graphs)."""
+        if not self.use_graphs:
+            return
         self.steps(0)
+        for w in widths:
+            if w not in self._prefills:
+                self._run_prefill(self._prefill_inputs(w, []))
 
     def _reset_idle(self) -> None:
         for t in (self.key, self.step, self.base, self.prompt_len, self.finish, self.tokens):

@@ -161,7 +161,7 @@ class SampleWriter(_EveryStep):
         model.eval()
         try:
             with torch.no_grad():
-                engine = Engine(model, self.tokenizer, slots=2)
+                engine = Engine(model, self.tokenizer, slots=2, graphs=False)  # one-off: no capture
                 seeds = [derive_seed(self.seed, "sample", i) for i in range(self.num)]
                 results = engine.generate(
                     [self.prompt] * self.num, seeds, SamplingParams(max_new_tokens=self.max_new_tokens), self.num
