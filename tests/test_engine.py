@@ -145,12 +145,14 @@ def test_stop_matcher_finds_the_first_stop_decoding_only_the_tail(engine):
             checked, got = 0, None
             lengths.clear()
             tok.decode = lambda t, **kw: lengths.append(len(t)) or real_decode(t, **kw)
+            tok.batch_decode = lambda ts, **kw: [tok.decode(t, **kw) for t in ts]
             try:
                 while got is None and checked < 40:
                     end = min(checked + every, 40)
                     got, checked = matcher.first_stop(ids, checked, end), end
             finally:
                 tok.decode = real_decode
+                del tok.batch_decode
             assert got == want
             if want is None:  # without a stop, no decode is wider than the new tokens plus the margin
                 assert max(lengths) <= every + matcher.margin

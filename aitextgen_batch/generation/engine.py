@@ -391,15 +391,11 @@ class Engine:
             dec.steps(self.check_every)
             polled = dec.poll()
             stopped = []
-            for slot, w in list(active.items()):
-                ended = self._ended(polled, slot, w, matcher)
-                if ended is None:
-                    continue
-                reason, n = ended
+            for slot, (reason, n) in self._ended(polled, active, matcher).items():
+                w = active.pop(slot)
+                free.append(slot)
                 if reason == "stop" and polled.alive[slot]:
                     stopped.append(slot)
-                del active[slot]
-                free.append(slot)
                 self._finish(w, polled.tokens[slot, :n].tolist(), reason, params, matcher)
                 progress.tokens += w.result.num_generated_tokens
                 if self._redraw(w, params):
@@ -411,20 +407,27 @@ class Engine:
             progress.report()
 
     @staticmethod
-    def _ended(polled, slot: int, w: _Work, matcher) -> tuple[str, int] | None:
-        """(finish reason, tokens in the text) if the slot's item has ended, else None."""
+    def _ended(polled, active: dict[int, _Work], matcher) -> dict[int, tuple[str, int]]:
+        """{slot: (finish reason, tokens in the text)} for the active slots whose item has ended."""
         from .slots import EOS
 
-        alive, code = bool(polled.alive[slot]), int(polled.finish[slot])
-        end = int(polled.steps[slot]) - (not alive and code == EOS)  # eos is counted, never part of the text
+        slots = list(active)
+        alive = polled.alive[slots]
+        eos = ~alive & (polled.finish[slots] == EOS)
+        ends = (polled.steps[slots] - eos).tolist()  # eos is counted, never part of the text
+        stops = [None] * len(slots)
         if matcher is not None:
-            n = matcher.first_stop(polled.tokens[slot], w.checked, end)
-            w.checked = end
-            if n is not None:
-                return "stop", n
-        if alive:
-            return None
-        return ("eos" if code == EOS else "length"), end
+            checked = [active[s].checked for s in slots]
+            stops = matcher.first_stops([polled.tokens[s] for s in slots], checked, ends)
+            for s, end in zip(slots, ends, strict=True):
+                active[s].checked = end
+        ended = {}
+        for j, s in enumerate(slots):
+            if stops[j] is not None:
+                ended[s] = ("stop", stops[j])
+            elif not alive[j]:
+                ended[s] = ("eos" if eos[j] else "length", ends[j])
+        return ended
 
     @staticmethod
     def _redraw(w: _Work, params: SamplingParams) -> bool:

@@ -35,22 +35,30 @@ class StopMatcher:
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         return min(hits) if hits else None
 
-    def first_stop(self, token_ids: Sequence[int], checked: int, end: int) -> int | None:
-        """The smallest n in (checked, end] whose prefix text `token_ids[:n]` holds a stop, or None.
+    def first_stops(self, rows: Sequence[Sequence[int]], checked: Sequence[int], ends: Sequence[int]) -> list:
+        """For each row, the smallest n in (checked, end] whose prefix text `row[:n]` holds a stop, or None.
 
         Args:
-            token_ids: the row's generated tokens (eos excluded up to `end`; any sequence, e.g. a numpy row).
-            checked: how many leading tokens are known to hold no stop.
-            end: how many tokens the row has generated so far.
+            rows: each row's generated tokens (eos excluded up to its end; any sequence, e.g. numpy rows).
+            checked: per row, how many leading tokens are known to hold no stop.
+            ends: per row, how many tokens it has generated so far.
         """
-        if not self.stops or end <= checked:
-            return None
-        if self.index(self.decode(token_ids[max(0, checked - self.margin) : end])) is None:
-            return None
-        for n in range(checked + 1, end + 1):
-            if self.index(self.decode(token_ids[:n])) is not None:
-                return n
-        return None
+        found: list[int | None] = [None] * len(rows)
+        todo = [i for i in range(len(rows)) if self.stops and ends[i] > checked[i]]
+        tails = [[int(t) for t in rows[i][max(0, checked[i] - self.margin) : ends[i]]] for i in todo]
+        # One batched call for every row's tail (the fast tokenizer decodes them in parallel).
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=self.skip_special_tokens) if tails else []
+        for i, text in zip(todo, texts, strict=True):
+            if self.index(text) is not None:  # rare: confirm on whole prefixes, one token count at a time
+                found[i] = next(
+                    (n for n in range(checked[i] + 1, ends[i] + 1) if self.index(self.decode(rows[i][:n])) is not None),
+                    None,
+                )
+        return found
+
+    def first_stop(self, token_ids: Sequence[int], checked: int, end: int) -> int | None:
+        """`first_stops` for one row."""
+        return self.first_stops([token_ids], [checked], [end])[0]
 
     def cut(self, text: str) -> str:
         """`text` up to the first stop string (all of it if none)."""
