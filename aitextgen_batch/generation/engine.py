@@ -320,8 +320,10 @@ class Engine:
                 else:
                     r.num_prompt_tokens = len(ids)
                     work.append(_Work(r, ids, bucket_length(len(ids), limit)))
+        from .slots import no_grad
+
         progress = _Progress(len(results) - len(work), on_progress)
-        with self._torch.inference_mode():
+        with no_grad():
             for start in range(0, len(work), batch_size):
                 self._run(work[start : start + batch_size], params, progress)
         return results
@@ -457,7 +459,7 @@ class Engine:
         import torch
 
         from .sampler import SamplerShape
-        from .slots import Admission, Decoder
+        from .slots import Admission, Decoder, no_grad
 
         windows = [w for w in self._runner.kinds.by_kind.values() if w]
         n = max(24, 2 * max(windows) + 8) if windows else 24
@@ -465,7 +467,7 @@ class Engine:
         ids = [(i * 7919 + 13) % self.vocab_size for i in range(n)]
         bucket = bucket_length(n, n)
         params = SamplingParams(max_new_tokens=steps, min_new_tokens=steps, temperature=0, nonempty_output=False)
-        with torch.inference_mode():
+        with no_grad():
             try:
                 dec = Decoder(
                     self._runner,

@@ -17,6 +17,7 @@ CUDA graphs and replayed, since their buffers never move.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,15 @@ from .seeds import to_signed64, uniform_tensor
 log = logging.getLogger(__name__)
 
 RUNNING, EOS, LENGTH = 0, 1, 2
+
+
+@contextmanager
+def no_grad():
+    """Autograd off and inference mode off, whatever the caller's mode: the decoders' buffers stay ordinary
+    tensors that any later call may update, and CUDA graphs captured here do not turn the CUDA generator's
+    state into inference tensors (which breaks a later capture outside inference mode, torch issue 166792)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 @dataclass
