@@ -300,6 +300,8 @@ class Engine:
             batch_size: items scheduled together (grouped by cache length). It never changes any text.
             on_progress: called with (results finished, tokens generated) whenever results finish.
         """
+        from .slots import no_grad
+
         params = params or SamplingParams()
         if batch_size < 1:
             raise UserError(f"batch_size (--batch-size) must be >= 1, got {batch_size}")
@@ -320,8 +322,6 @@ class Engine:
                 else:
                     r.num_prompt_tokens = len(ids)
                     work.append(_Work(r, ids, bucket_length(len(ids), limit)))
-        from .slots import no_grad
-
         progress = _Progress(len(results) - len(work), on_progress)
         with no_grad():
             for start in range(0, len(work), batch_size):
