@@ -389,3 +389,42 @@ PINNED_SEED = 6830476575521829120
 def test_engine_rejects_one_slot(tiny_model_dir):
     with pytest.raises(UserError, match="slots must be >= 2"):
         Engine.from_pretrained(str(tiny_model_dir), device="cpu", slots=1)
+
+
+def test_per_row_params_equal_separate_runs(engine):
+    """Rows with different params share blocks where their shapes allow; each equals its single-params run."""
+    prompts, seeds = prompts_and_seeds(48, seed=12)
+    variants = [
+        SamplingParams(max_new_tokens=6, temperature=0.5),
+        SamplingParams(max_new_tokens=14, temperature=1.2),
+        SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.8, stop=["e"]),
+        SamplingParams(max_new_tokens=8, temperature=0, num_return_sequences=2),
+        SamplingParams(max_new_tokens=9, temperature=1.0, top_k=0, repetition_penalty=1.3),
+    ]
+    row_params = [variants[i % len(variants)] for i in range(len(prompts))]
+    mixed = engine.generate(prompts, seeds, row_params, batch_size=48)
+    got = {(r.item_index, r.sample_index): (r.text, r.finish_reason, r.token_ids) for r in mixed}
+    assert len(got) == 48 + 48 // 5 + (48 % 5 > 3)  # the greedy variant asked for two samples
+    for v in variants:
+        rows = [i for i in range(len(prompts)) if row_params[i] is v]
+        alone = engine.generate([prompts[i] for i in rows], [seeds[i] for i in rows], v, batch_size=48)
+        for r in alone:
+            assert got[(rows[r.item_index], r.sample_index)] == (r.text, r.finish_reason, r.token_ids)
+
+
+def test_logprobs_equal_a_full_forward_recomputation(engine):
+    prompts, seeds = prompts_and_seeds(10, seed=13)
+    params = SamplingParams(max_new_tokens=10, temperature=1.3, top_k=30, top_p=0.9)
+    res = engine.generate(prompts, seeds, params, batch_size=10)
+    for prompt, r in zip(prompts, res, strict=True):
+        generated = r.token_ids + ([engine.eos_id] if r.finish_reason == "eos" else [])
+        assert len(r.token_logprobs) == r.num_generated_tokens == len(generated)
+        ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([ids + generated])).logits[0, len(ids) - 1 : -1]
+        want = torch.log_softmax(logits.double(), dim=-1).gather(1, torch.tensor(generated)[:, None])[:, 0]
+        assert np.allclose(r.token_logprobs, want.numpy(), atol=1e-5)
+        assert abs(r.cumulative_logprob - float(want.sum())) < 1e-4
+        assert r.cumulative_logprob < 0
+    solo = engine.generate([prompts[3]], [seeds[3]], params, batch_size=1)[0]
+    assert (solo.token_logprobs, solo.cumulative_logprob) == (res[3].token_logprobs, res[3].cumulative_logprob)

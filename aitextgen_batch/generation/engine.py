@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from .params import SamplingParams
 from .seeds import derive_seed, sample_seed, stream_key
+from .stops import StopMatcher
 
 # Re-draws of an empty output (nonempty_output) before giving up and returning the empty text.
 MAX_ATTEMPTS = 8
@@ -59,6 +60,10 @@ class GenerationResult:
     error: str | None = None
     token_ids: list[int] = field(default_factory=list)
     attempts: int = 1
+    # The model's log-softmax (before temperature, top-k, top-p or penalties) of each generated token, eos
+    # included (so there are `num_generated_tokens` of them), and their sum.
+    token_logprobs: list[float] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
 
 
 @dataclass
@@ -66,6 +71,8 @@ class _Work:
     result: GenerationResult
     prompt_ids: list[int]
     bucket: int
+    params: SamplingParams
+    matcher: StopMatcher | None
     attempt: int = 0
     checked: int = 0  # leading tokens known to hold no stop string
 
@@ -236,48 +243,44 @@ class Engine:
 
     # ---------------------------------------------------------------- encoding
 
-    def _encode(self, prompts: Sequence, params: SamplingParams) -> list[tuple[list[int] | None, str | None]]:
+    def _encode(self, prompts: Sequence, params: Sequence[SamplingParams]) -> list[tuple[list[int] | None, str | None]]:
+        """Each prompt's token ids (with its params' prefix, bos and truncation), or the row's error."""
         texts, bad = [], {}
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                bad[i] = f"prompt must be a string, got {type(p).__name__}"
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            if not isinstance(prompt, str):
+                bad[i] = f"prompt must be a string, got {type(prompt).__name__}"
                 texts.append("")
             else:
-                texts.append(params.prefix + p)
+                texts.append(p.prefix + prompt)
         enc = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        limit = self.context_length - params.max_new_tokens
         out = []
-        for i, ids in enumerate(enc):
+        for i, (ids, p) in enumerate(zip(enc, params, strict=True)):
             if i in bad:
                 out.append((None, bad[i]))
                 continue
             ids = list(ids)
-            if params.prepend_bos or not ids:
+            if p.prepend_bos or not ids:
                 ids = [self.bos_id] + ids
+            limit = self.context_length - p.max_new_tokens
             if limit < 1:
                 out.append(
                     (
                         None,
-                        f"max_new_tokens={params.max_new_tokens} leaves no room for a prompt in the "
+                        f"max_new_tokens={p.max_new_tokens} leaves no room for a prompt in the "
                         f"model's context of {self.context_length} tokens; lower --max-new-tokens",
                     )
                 )
-            elif len(ids) > limit:
-                if params.truncate == "left":
-                    ids = ids[-limit:]
-                else:
-                    out.append(
-                        (
-                            None,
-                            f"prompt has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} "
-                            f"it exceeds the model's context of {self.context_length}: shorten it, lower "
-                            "--max-new-tokens, or pass --truncate left",
-                        )
+            elif len(ids) > limit and p.truncate != "left":
+                out.append(
+                    (
+                        None,
+                        f"prompt has {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} "
+                        f"it exceeds the model's context of {self.context_length}: shorten it, lower "
+                        "--max-new-tokens, or pass --truncate left",
                     )
-                    continue
-                out.append((ids, None))
+                )
             else:
-                out.append((ids, None))
+                out.append((ids[-limit:], None))
         return out
 
     # ---------------------------------------------------------------- generation
@@ -286,7 +289,7 @@ class Engine:
         self,
         prompts: Sequence[str],
         seeds: Sequence[int] | None = None,
-        params: SamplingParams | None = None,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
         batch_size: int = 64,
         *,
         on_progress: Callable[[int, int], None] | None = None,
@@ -296,51 +299,58 @@ class Engine:
         Args:
             prompts: prompt strings (a non-string becomes a per-row error result).
             seeds: one seed per prompt; default `derive_seed(0, index)`.
-            params: sampling parameters (default `SamplingParams()`).
+            params: sampling parameters: one for every prompt (default `SamplingParams()`), or one per prompt.
+                A row's text depends on its own params only, whatever its neighbours use.
             batch_size: items scheduled together (grouped by cache length). It never changes any text.
             on_progress: called with (results finished, tokens generated) whenever results finish.
         """
         from .slots import no_grad
 
-        params = params or SamplingParams()
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
         if batch_size < 1:
             raise UserError(f"batch_size (--batch-size) must be >= 1, got {batch_size}")
         if seeds is None:
             seeds = [derive_seed(0, i) for i in range(len(prompts))]
-        if len(seeds) != len(prompts):
-            raise UserError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt")
-        encoded = self._encode(prompts, params)
-        limit = self.context_length - params.max_new_tokens
+        if not len(seeds) == len(params) == len(prompts):
+            raise UserError(
+                f"got {len(prompts)} prompts, {len(seeds)} seeds and {len(params)} params: pass one of each per prompt"
+            )
+        matchers: dict[tuple, StopMatcher] = {}
         results: list[GenerationResult] = []
         work: list[_Work] = []
-        for i, ((ids, err), seed) in enumerate(zip(encoded, seeds, strict=True)):
-            for k in range(params.num_return_sequences):
+        for i, ((ids, err), seed, p) in enumerate(zip(self._encode(prompts, params), seeds, params, strict=True)):
+            matcher = None
+            if p.stop:
+                key = (tuple(p.stop), p.skip_special_tokens)
+                if key not in matchers:
+                    matchers[key] = StopMatcher(self.tokenizer, *key)
+                matcher = matchers[key]
+            for k in range(p.num_return_sequences):
                 r = GenerationResult(i, k, sample_seed(int(seed), k))
                 results.append(r)
                 if err is not None:
                     r.error, r.finish_reason, r.attempts = err, "error", 0
                 else:
                     r.num_prompt_tokens = len(ids)
-                    work.append(_Work(r, ids, bucket_length(len(ids), limit)))
+                    bucket = bucket_length(len(ids), self.context_length - p.max_new_tokens)
+                    work.append(_Work(r, ids, bucket, p, matcher))
         progress = _Progress(len(results) - len(work), on_progress)
         with no_grad():
             for start in range(0, len(work), batch_size):
-                self._run(work[start : start + batch_size], params, progress)
+                self._run(work[start : start + batch_size], progress)
         return results
 
-    def _run(self, work: list[_Work], params: SamplingParams, progress: _Progress) -> None:
-        """Decode `work`: one queue per cache length (in order of first appearance), each through its decoder."""
+    def _run(self, work: list[_Work], progress: _Progress) -> None:
+        """Decode `work`: one queue per (cache length, sampler shape), in order of first appearance."""
         from .sampler import SamplerShape
-        from .stops import StopMatcher
 
-        shape = SamplerShape.of(params, self.vocab_size)
-        matcher = StopMatcher(self.tokenizer, params.stop, params.skip_special_tokens) if params.stop else None
-        queues: dict[int, deque[_Work]] = {}
+        queues: dict[tuple, deque[_Work]] = {}
         for w in work:
-            queues.setdefault(cache_length(w.bucket, params.max_new_tokens), deque()).append(w)
-        for length, queue in queues.items():
-            decoder = self._decoder(length, shape, sorted({w.bucket for w in queue}))
-            self._drain(decoder, queue, params, matcher, progress)
+            key = (cache_length(w.bucket, w.params.max_new_tokens), SamplerShape.of(w.params, self.vocab_size))
+            queues.setdefault(key, deque()).append(w)
+        for (length, shape), queue in queues.items():
+            self._drain(self._decoder(length, shape, sorted({w.bucket for w in queue})), queue, progress)
 
     def _decoder(self, length: int, shape, widths: list[int]):
         """The decoder for (cache length, sampler shape), created (and its graphs captured) on first use."""
@@ -371,7 +381,7 @@ class Engine:
         self._decoders[key] = dec
         return dec
 
-    def _drain(self, dec, queue: deque[_Work], params: SamplingParams, matcher, progress: _Progress) -> None:
+    def _drain(self, dec, queue: deque[_Work], progress: _Progress) -> None:
         """Run every item of `queue` through `dec`, refilling slots as items finish (if `refill`)."""
         from .slots import Admission
 
@@ -387,20 +397,21 @@ class Engine:
                     w, slot = queue.popleft(), free.pop()
                     active[slot] = w
                     key = stream_key(w.result.seed, w.attempt)
-                    batch.append((slot, Admission(w.prompt_ids, w.bucket, key, params)))
+                    batch.append((slot, Admission(w.prompt_ids, w.bucket, key, w.params)))
                 dec.admit(batch)
                 self.stats["refills" if len(active) > len(batch) else "admissions"] += len(batch)
             dec.steps(self.check_every)
             polled = dec.poll()
             stopped = []
-            for slot, (reason, n) in self._ended(polled, active, matcher).items():
+            for slot, (reason, n) in self._ended(polled, active).items():
                 w = active.pop(slot)
                 free.append(slot)
                 if reason == "stop" and polled.alive[slot]:
                     stopped.append(slot)
-                self._finish(w, polled.tokens[slot, :n].tolist(), reason, params, matcher)
+                steps = int(polled.steps[slot]) if reason == "eos" else n
+                self._finish(w, polled.tokens[slot, :n].tolist(), polled.logprobs[slot, :steps].tolist(), reason)
                 progress.tokens += w.result.num_generated_tokens
-                if self._redraw(w, params):
+                if self._redraw(w):
                     w.attempt, w.checked = w.attempt + 1, 0
                     queue.append(w)
                 else:
@@ -409,7 +420,7 @@ class Engine:
             progress.report()
 
     @staticmethod
-    def _ended(polled, active: dict[int, _Work], matcher) -> dict[int, tuple[str, int]]:
+    def _ended(polled, active: dict[int, _Work]) -> dict[int, tuple[str, int]]:
         """{slot: (finish reason, tokens in the text)} for the active slots whose item has ended."""
         from .slots import EOS
 
@@ -417,12 +428,20 @@ class Engine:
         alive = polled.alive[slots]
         eos = ~alive & (polled.finish[slots] == EOS)
         ends = (polled.steps[slots] - eos).tolist()  # eos is counted, never part of the text
-        stops = [None] * len(slots)
-        if matcher is not None:
-            checked = [active[s].checked for s in slots]
-            stops = matcher.first_stops([polled.tokens[s] for s in slots], checked, ends)
-            for s, end in zip(slots, ends, strict=True):
-                active[s].checked = end
+        stops: list[int | None] = [None] * len(slots)
+        by_matcher: dict[StopMatcher, list[int]] = {}
+        for j, s in enumerate(slots):
+            if active[s].matcher is not None:
+                by_matcher.setdefault(active[s].matcher, []).append(j)
+        for matcher, rows in by_matcher.items():
+            found = matcher.first_stops(
+                [polled.tokens[slots[j]] for j in rows],
+                [active[slots[j]].checked for j in rows],
+                [ends[j] for j in rows],
+            )
+            for j, n in zip(rows, found, strict=True):
+                stops[j] = n
+                active[slots[j]].checked = ends[j]
         ended = {}
         for j, s in enumerate(slots):
             if stops[j] is not None:
@@ -432,18 +451,19 @@ class Engine:
         return ended
 
     @staticmethod
-    def _redraw(w: _Work, params: SamplingParams) -> bool:
-        return params.nonempty_output and not w.result.text.strip() and w.attempt + 1 < MAX_ATTEMPTS
+    def _redraw(w: _Work) -> bool:
+        return w.params.nonempty_output and not w.result.text.strip() and w.attempt + 1 < MAX_ATTEMPTS
 
-    def _finish(self, w: _Work, token_ids: list[int], reason: str, params: SamplingParams, matcher) -> None:
-        r = w.result
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
+    def _finish(self, w: _Work, token_ids: list[int], logprobs: list[float], reason: str) -> None:
+        r, p = w.result, w.params
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=p.skip_special_tokens)
         if reason == "stop":
-            text = matcher.cut(text)
-        if params.lstrip:
+            text = w.matcher.cut(text)
+        if p.lstrip:
             text = text.lstrip()
         r.text, r.token_ids, r.finish_reason, r.error = text, token_ids, reason, None
         r.num_generated_tokens = len(token_ids) + (reason == "eos")
+        r.token_logprobs, r.cumulative_logprob = logprobs, float(sum(logprobs))
         r.attempts = w.attempt + 1
 
     # ---------------------------------------------------------------- self-check

@@ -60,6 +60,7 @@ class Polled:
     steps: np.ndarray  # (slots,) tokens generated, eos included
     finish: np.ndarray  # (slots,) RUNNING | EOS | LENGTH
     tokens: np.ndarray  # (slots, length + 1) generated tokens
+    logprobs: np.ndarray  # (slots, length + 1) their log-probabilities under the model (float32)
 
 
 class ModelRunner:
@@ -127,6 +128,7 @@ class Decoder:
         self.alive = torch.zeros(s, dtype=torch.bool, device=device)
         self.finish = torch.zeros(s, **i64)
         self.tokens = torch.zeros((s, length + 1), **i64)
+        self.logprobs = torch.zeros((s, length + 1), dtype=torch.float32, device=device)
         self.seen = torch.zeros((s, shape.vocab), dtype=torch.bool, device=device) if shape.penalty else None
         self.params = RowParams(s, device)
         self._prefills: dict[int, _PrefillInputs] = {}
@@ -146,9 +148,13 @@ class Decoder:
 
     def _step(self) -> None:
         """Sample every slot's next token, record it, and run it through the model (device only)."""
+        logits = self.logits[: self.slots]
         draws = uniform_tensor(self.key, self.step)
-        tok = sample(self.logits[: self.slots], draws, self.params, self.shape, self.step, self.eos_id, self.seen)
+        tok = sample(logits, draws, self.params, self.shape, self.step, self.eos_id, self.seen)
         self.tokens.scatter_(1, self.step[:, None], tok[:, None])
+        # The model's own log-probability of the token (a per-row reduction over the vocabulary).
+        logprob = logits.gather(1, tok[:, None]) - torch.logsumexp(logits, dim=-1, keepdim=True)
+        self.logprobs.scatter_(1, self.step[:, None], logprob)
         if self.seen is not None:
             self.seen.scatter_(1, tok[:, None], True)
         ends = self.step + 1 >= self.params.max_new
@@ -225,7 +231,7 @@ class Decoder:
                 self._run_prefill(self._prefill_inputs(w, []))
 
     def _reset_idle(self) -> None:
-        for t in (self.key, self.step, self.base, self.prompt_len, self.finish, self.tokens):
+        for t in (self.key, self.step, self.base, self.prompt_len, self.finish, self.tokens, self.logprobs):
             t.zero_()
         self.alive.zero_()
 
@@ -280,7 +286,7 @@ class Decoder:
 
     def poll(self) -> Polled:
         """Copy the slots' state to the host (the only synchronisation in the decode loop)."""
-        state = (self.alive, self.step, self.finish, self.tokens)
+        state = (self.alive, self.step, self.finish, self.tokens, self.logprobs)
         return Polled(*(t.to("cpu", copy=True).numpy() for t in state))
 
     def stop_rows(self, slots: list[int]) -> None:
