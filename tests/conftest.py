@@ -16,6 +16,20 @@ WORDS = (
 ).split()
 
 
+def argmax_reference(model, ids: list[int], steps: int, eos: int | None) -> list[int]:
+    """Greedy tokens from plain full forward passes (no cache, no padding), stopping before eos."""
+    import torch
+
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = int(model(torch.tensor([out])).logits[0, -1].argmax())
+            if nxt == eos:
+                break
+            out.append(nxt)
+    return out[len(ids) :]
+
+
 def make_corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
     """Deterministic English-like lines for tokenizer and dataset tests."""
     rng = random.Random(seed)

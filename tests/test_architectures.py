@@ -14,7 +14,7 @@ import torch
 
 from aitextgen_batch.errors import UserError
 from aitextgen_batch.generation import Engine, SamplingParams, derive_seed
-from tests.conftest import WORDS
+from tests.conftest import WORDS, argmax_reference
 
 LLAMA_LIKE = dict(
     hidden_size=64,
@@ -66,17 +66,6 @@ def build(model_type: str, tok, **overrides):
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-
-
-def argmax_reference(model, ids: list[int], steps: int, eos: int) -> list[int]:
-    out = list(ids)
-    with torch.no_grad():
-        for _ in range(steps):
-            nxt = int(model(torch.tensor([out])).logits[0, -1].argmax())
-            if nxt == eos:
-                break
-            out.append(nxt)
-    return out[len(ids) :]
 
 
 def texts(results) -> list[bytes]:

@@ -15,7 +15,7 @@ from aitextgen_batch.generation import Engine, SamplingParams, derive_seed, samp
 from aitextgen_batch.generation.sampler import RowParams, SamplerShape, sample
 from aitextgen_batch.generation.sampling import choose_tokens, softmax_reference
 from aitextgen_batch.generation.seeds import MASK64, stream_key, to_signed64, uniform, uniform_tensor
-from tests.conftest import WORDS
+from tests.conftest import WORDS, argmax_reference
 
 
 @pytest.fixture(scope="module")
@@ -78,22 +78,12 @@ def test_other_architecture_is_invariant(tokenizer_dir, tmp_path):
     assert texts(eng.generate(prompts, seeds, params, 24)) == texts(eng.generate(prompts, seeds, params, 1))
 
 
-def _argmax_decode(model, ids: list[int], steps: int) -> list[int]:
-    out = list(ids)
-    with torch.no_grad():
-        for _ in range(steps):
-            out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
-    return out[len(ids) :]
-
-
 def test_temperature_zero_is_argmax_and_top_k_one_is_greedy(engine):
     prompts, seeds = prompts_and_seeds(6, seed=5)
     greedy = engine.generate(prompts, seeds, SamplingParams(max_new_tokens=10, temperature=0, nonempty_output=False), 6)
     for p, r in zip(prompts, greedy, strict=True):
         ids = engine.tokenizer(p, add_special_tokens=False)["input_ids"]
-        want = _argmax_decode(engine.model, ids, 10)
-        cut = want.index(engine.eos_id) if engine.eos_id in want else len(want)
-        assert r.token_ids == want[:cut]
+        assert r.token_ids == argmax_reference(engine.model, ids, 10, engine.eos_id)
     topk1 = engine.generate(
         prompts,
         [s + 1 for s in seeds],
