@@ -43,7 +43,7 @@ def steady_rate(metrics: Path, skip: int) -> tuple[float, float]:
 def main() -> None:
     import ray
 
-    from aitextgen_batch.models.info import print_table
+    from aitextgen_batch.console import print_table
     from aitextgen_batch.train import finetune
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -49,11 +49,15 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray with 2 CPUs for the whole session (jobs and trainers join it)."""
+    """A real local Ray with 2 CPUs for the whole session (jobs and trainers join it).
+
+    Always a new local Ray (`address="local"`): never one another run on this machine started, so that concurrent
+    test runs cannot collide, and never the head that /tmp/ray/ray_current_cluster names (it may be dead).
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, logging_level="WARNING")
+        ray.init(address="local", num_cpus=2, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

@@ -241,7 +241,7 @@ def test_killed_driver_loses_nothing_and_rerun_resumes(reference, tiny_model_dir
     job = json.loads((out / "_job.json").read_text())
     assert job["status"] == "complete" and job["summary"]["shards_skipped"] >= finished
     assert texts(out) == texts(reference)
-    assert not list((out / ".tmp").iterdir())
+    assert not list(out.rglob(".*.tmp"))  # the interrupted run's temporary files were cleaned up
 
 
 def test_bad_rows_become_error_rows(tiny_model_dir, tmp_path, ray_local):

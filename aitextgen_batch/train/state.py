@@ -121,9 +121,10 @@ def publish(step_dir: Path, output: Path) -> None:
 
     config.json goes first out and last in: while files are replaced, `output` does not look like a model.
     """
+    from ..storage import atomic_write
+
     files = sorted((f for f in step_dir.iterdir() if f.is_file()), key=lambda f: f.name == "config.json")
     (output / "config.json").unlink(missing_ok=True)
     for f in files:
-        tmp = output / f".{f.name}.tmp-{os.getpid()}"
-        shutil.copyfile(f, tmp)
-        os.replace(tmp, output / f.name)
+        with open(f, "rb") as src, atomic_write(output / f.name) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)

@@ -56,7 +56,6 @@ def _report(step: int, folder: Path | None, metrics: dict) -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point; `config` is the resolved plan from `api.py` (plain JSON data)."""
-    import pytorch_lightning as pl
     import ray.train
     import torch
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
@@ -64,6 +63,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ..models.loading import load_model
     from .callbacks import Checkpointer, MetricsLog, SampleWriter, append_jsonl, truncate_logs
     from .datamodule import TokenDataModule
+    from .flavor import pl
     from .module import CausalLMModule, freeze
     from .state import read_state
 
