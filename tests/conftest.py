@@ -62,6 +62,21 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_address(ray_local) -> str:
+    """The session Ray's address: a command run in a subprocess joins it (`--address`) instead of starting its own."""
+    return ray_local.get_runtime_context().gcs_address
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 where nothing listens (a dead address)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests run only where CUDA is available."""
     import torch

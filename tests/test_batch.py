@@ -18,9 +18,10 @@ import pytest
 
 from aitextgen_batch.batch.api import generate_dataset
 from aitextgen_batch.batch.verify import replay_row, verify_output
+from aitextgen_batch.cli import main
 from aitextgen_batch.config import flag
 from aitextgen_batch.errors import UserError
-from tests.conftest import WORDS
+from tests.conftest import WORDS, free_port
 
 BASE = {"max_new_tokens": 6, "temperature": 1.0, "top_k": 0, "quiet": True}
 # the reference job's layout: one actor, two shards, two samples per row
@@ -222,12 +223,13 @@ def test_actor_sigkilled_mid_job_is_restarted_and_output_is_exact(reference, tin
 
 
 @pytest.mark.slow
-def test_killed_driver_loses_nothing_and_rerun_resumes(reference, tiny_model_dir, prompts_dir, tmp_path):
+def test_killed_driver_loses_nothing_and_rerun_resumes(reference, tiny_model_dir, prompts_dir, tmp_path, ray_address):
     out = tmp_path / "out"
     cmd = generate_cmd(
         input=prompts_dir,
         output=out,
         model=tiny_model_dir,
+        address=ray_address,  # the driver joins the session's Ray: killing it kills its actors, not the cluster
         num_actors=1,
         shard_rows=5,
         batch_size=4,
@@ -244,21 +246,39 @@ def test_killed_driver_loses_nothing_and_rerun_resumes(reference, tiny_model_dir
     assert not list(out.rglob(".*.tmp"))  # the interrupted run's temporary files were cleaned up
 
 
+def _invalid_utf8_strings(values: list):
+    """A string column holding the given bytes unchecked (as a writer that skips validation leaves them)."""
+    return pa.array(values, pa.binary()).view(pa.string())
+
+
 def test_bad_rows_become_error_rows(tiny_model_dir, tmp_path, ray_local):
     inp = tmp_path / "bad.parquet"
-    prompts = ["the fox", None, "", "   ", " ".join(["zebras"] * 400), "a dog"]
-    pq.write_table(pa.table({"id": list(range(6)), "prompt": prompts}), inp)
+    prompts = [b"the fox", None, b"", b"   ", " ".join(["zebras"] * 400).encode(), b"a dog", b"the \xff\xfe dog"]
+    pq.write_table(pa.table({"id": list(range(7)), "prompt": _invalid_utf8_strings(prompts)}), inp)
     out = tmp_path / "out"
     s = generate_dataset(input=str(inp), output=str(out), model=str(tiny_model_dir), **BASE)
-    assert s["status"] == "complete" and s["rows"] == 6 and s["error_rows"] == 4
+    assert s["status"] == "complete" and s["rows"] == 7 and s["error_rows"] == 5
     df = pd.read_parquet(out).set_index("id").sort_index()
-    assert (
-        list(df.finish_reason) == ["length", "error", "error", "error", "error", "length"]
-        or df.loc[[1, 2, 3, 4], "finish_reason"].eq("error").all()
-    )
+    assert list(df.finish_reason) == ["length", "error", "error", "error", "error", "length", "error"]
     assert df.loc[1, "error"] == "prompt is null" and df.loc[2, "error"] == "prompt is empty"
+    assert df.loc[3, "error"] == "prompt is empty"
     assert "exceeds the model's context" in df.loc[4, "error"]
-    assert df.loc[[0, 5], "error"].isna().all()
+    # one undecodable row is an error row naming its file and row; the good rows of its shard are kept
+    assert df.loc[6, "error"] == "prompt is not valid UTF-8 (invalid start byte at byte 4) in bad.parquet row 6"
+    assert df.loc[[0, 5], "error"].isna().all() and (df.loc[[0, 5], "num_generated_tokens"] > 0).all()
+
+
+def test_a_job_whose_every_row_failed_is_not_a_success(tiny_model_dir, tmp_path, ray_address):
+    inp = tmp_path / "empty-prompts.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["", "  "]}), inp)
+    out = tmp_path / "out"
+    cmd = generate_cmd(input=inp, output=out, model=tiny_model_dir, address=ray_address)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr[-2000:]
+    job = json.loads((out / "_job.json").read_text())
+    assert job["status"] == "failed" and job["summary"]["error_rows"] == 2
+    first = "empty-prompts.parquet row 0: prompt is empty"
+    assert job["failed"]["all"] == f"every one of the 2 rows is an error row; the first: {first}"
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(tiny_model_dir, prompts_dir, tmp_path, ray_local):
@@ -286,6 +306,148 @@ def test_bad_inputs_are_refused_before_anything_is_written(tiny_model_dir, promp
     half = tmp_path / "half.parquet"
     half.write_bytes((prompts_dir / "part0.parquet").read_bytes()[:300])
     refuse(half, r"half.parquet: not a readable Parquet file")
+    # nothing to do is refused, not a "complete" job of 0 shards
+    (tmp_path / "empty").mkdir()
+    refuse(tmp_path / "empty", r"--input '.*empty' matches no Parquet files")
+    refuse(f"{prompts_dir}/*.parqet", r"matches no Parquet files")
+    no_rows = pa.table({"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())})
+    pq.write_table(no_rows, tmp_path / "0.parquet")
+    refuse(tmp_path / "0.parquet", r"holds no rows")
+    # a prompt column that is not text would make every row an error row
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": [1, 2]}), tmp_path / "ints.parquet")
+    refuse(tmp_path / "ints.parquet", r"ints.parquet: the prompt column 'prompt' \(--prompt-column\) holds int64")
+    pq.write_table(pa.table({"id": ["a"], "prompt": [["x", "y"]]}), tmp_path / "lists.parquet")
+    refuse(tmp_path / "lists.parquet", r"holds list<.*: string>, not text")
+    # ids that are not valid UTF-8 are named with their file and row
+    pq.write_table(pa.table({"id": _invalid_utf8_strings([b"ok", b"\xff"]), "prompt": ["a", "b"]}), tmp_path / "u.pq")
+    refuse(tmp_path / "u.pq", r"u.pq row 1: the id \(--id-column 'id'\) is not valid UTF-8")
+    # more new tokens than the model's context (256) can hold
+    room = r"max_new_tokens=1000000000 leaves no room for a prompt in the model's context of 256"
+    refuse(prompts_dir, room, max_new_tokens=10**9)
+    # an output inside the input folder would read its own results on a rerun
+    with pytest.raises(UserError, match=r"--output '.*/results' is inside --input"):
+        generate_dataset(input=str(prompts_dir), output=str(prompts_dir / "results"), model=str(tiny_model_dir), **BASE)
+    assert not (prompts_dir / "results").exists()
+    # more actors than the cluster (2 CPUs) can place would never start
+    refuse(prompts_dir, r"--num-actors 64 needs at least 64 CPUs \(one each\) but the Ray cluster has 2", num_actors=64)
+
+
+_OPENED: dict[str, list] = {}
+
+
+def _watch_opens(suffix: str) -> list:
+    """A list collecting every path this process opens that ends in `suffix` (audit hooks stay for the session)."""
+    if not _OPENED:
+
+        def hook(event, args):
+            if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+                for sfx, seen in _OPENED.items():
+                    if os.fsdecode(args[0]).endswith(sfx):
+                        seen.append(os.fsdecode(args[0]))
+
+        sys.addaudithook(hook)
+    _OPENED[suffix] = []
+    return _OPENED[suffix]
+
+
+def test_pickle_weights_are_never_opened_without_allow_pickle(tiny_model_dir, tmp_path, ray_local, capsys):
+    """No process may read a folder's `pytorch_model.bin` unless the user passed --allow-pickle.
+
+    An audit hook records every file this process (the job's driver) opens: the .bin is not among them, and the
+    job is refused before any actor starts. The hook does see the file once the user opts in.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from aitextgen_batch.models.provenance import inspect_source
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    opened = _watch_opens("pytorch_model.bin")
+    inp = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["the fox"]}), inp)
+    with pytest.raises(UserError, match=r"only pickle weights \(pytorch_model.bin\).*--allow-pickle"):
+        generate_dataset(input=str(inp), output=str(tmp_path / "out"), model=str(folder), **BASE)
+    assert opened == [] and not (tmp_path / "out").exists()
+    assert main(["info", str(folder)]) == 2 and opened == []
+    assert "--allow-pickle" in capsys.readouterr().err
+    inspect_source(str(folder), allow_pickle=True)  # the user's explicit opt-in: now it is read
+    assert opened and opened[0].endswith("pytorch_model.bin")
+
+
+def test_truncated_part_file_is_noticed_and_redone(tiny_model_dir, tmp_path, ray_local, capsys):
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(6)], "prompt": ["the fox"] * 6}), inp)
+    out = tmp_path / "out"
+    run = dict(input=str(inp), output=str(out), model=str(tiny_model_dir), shard_rows=3, num_actors=1, **BASE)
+    assert generate_dataset(**run)["status"] == "complete"
+    part = out / "part-00000.parquet"
+    whole = part.read_bytes()
+    record = json.loads((out / "_done" / "00000.json").read_text())
+    assert record["bytes"] == len(whole) and len(record["sha256"]) == 64
+    part.write_bytes(whole[: len(whole) // 2])
+    capsys.readouterr()
+    assert main(["verify", "--output", str(out)]) == 1  # it used to die with an ArrowInvalid traceback
+    assert "damaged: part-00000.parquet differs from its completion record" in capsys.readouterr().out
+    s = generate_dataset(**run)  # the rerun must not trust the damaged file
+    assert (s["status"], s["shards_skipped"], s["shards_done"]) == ("complete", 1, 2)
+    assert part.read_bytes() == whole  # redone, byte-identical
+    assert len(pd.read_parquet(out)) == 6
+
+
+def test_checks_run_before_ray_and_a_dead_address_is_an_error_not_a_hang(tiny_model_dir, prompts_dir, tmp_path):
+    dead = f"127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    cmd = generate_cmd(input=tmp_path / "nope.parquet", output=tmp_path / "out", address=dead)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "does not exist" in r.stderr and dead not in r.stderr  # inputs first
+    cmd = generate_cmd(input=prompts_dir / "part0.parquet", output=tmp_path / "out", model=tiny_model_dir, address=dead)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"no Ray cluster answers at {dead}" in r.stderr and "leave --address and RAY_ADDRESS unset" in r.stderr
+    assert time.monotonic() - start < 60 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_stale_ray_current_cluster_file_is_ignored(tiny_model_dir, tmp_path):
+    """No --address: a new local Ray, even where Ray's temp dir names a dead head (it used to wait for ever)."""
+    import shutil
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        inp = tmp_path / "p.parquet"
+        pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["the fox", "a dog"]}), inp)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_TMPDIR"] = str(ray_tmp)
+        cmd = generate_cmd(input=inp, output=tmp_path / "out", model=tiny_model_dir, num_actors=1)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert len(pd.read_parquet(tmp_path / "out")) == 2
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_ctrl_c_says_how_to_resume(tiny_model_dir, prompts_dir, tmp_path, ray_address):
+    out = tmp_path / "out"
+    cmd = generate_cmd(
+        input=prompts_dir, output=out, model=tiny_model_dir, address=ray_address, num_actors=1, shard_rows=2
+    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("_done/*.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted. Finished shards are kept: rerun the same command to resume." in err
+    assert "Traceback" not in err
 
 
 def test_ids_derive_from_file_and_row_when_absent(tiny_model_dir, tmp_path, ray_local):
@@ -300,7 +462,7 @@ def test_ids_derive_from_file_and_row_when_absent(tiny_model_dir, tmp_path, ray_
     assert match and res.text == row["text"]
 
 
-def test_seed_column_is_used(tiny_model_dir, tmp_path, ray_local):
+def test_seed_column_is_used(tiny_model_dir, tmp_path, ray_local, capsys):
     from aitextgen_batch.generation import Engine, SamplingParams
 
     inp = tmp_path / "s.parquet"
@@ -312,6 +474,11 @@ def test_seed_column_is_used(tiny_model_dir, tmp_path, ray_local):
     eng = Engine.from_pretrained(str(tiny_model_dir), device="cpu")
     params = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=0)
     assert eng.generate(["the fox"], [11], params, 1)[0].text == df.text.iloc[0]
+    # this job's ids are integers: a non-integer --id is a user error, one line, not a traceback
+    capsys.readouterr()
+    assert main(["replay", "--output", str(out), "--id", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--id 'abc': this job's ids are integers (column 'id'); pass an integer" in err
 
 
 def test_repeatedly_failing_shard_is_marked_failed_and_the_rest_finishes(tiny_model_dir, tmp_path, ray_local):
