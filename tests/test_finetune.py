@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -178,7 +180,65 @@ def test_errors_before_any_worker_starts(tmp_path, tiny_model_dir, cache, corpus
         finetune(dataset=cache, output=tmp_path / "o", **RUN)
     with pytest.raises(UserError, match="holds something other than a finetune run"):
         finetune(dataset=cache, **{**base, "output": tiny_model_dir})
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match=r"--output .*a-file is a file, not a folder"):
+        finetune(dataset=cache, **{**base, "output": tmp_path / "a-file"})
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(UserError, match=r"learning_rate \(--learning-rate\) must be a finite number"):
+            finetune(dataset=cache, **{**base, "learning_rate": bad})
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_failed_before_its_first_save_does_not_block_the_corrected_rerun(tmp_path, tiny_model_dir, cache):
+    from aitextgen_batch.train import FinetuneConfig
+    from aitextgen_batch.train.api import _check_output, _record, plan
+
+    cfg = FinetuneConfig(model=str(tiny_model_dir), dataset=cache, output=tmp_path / "out", **{**RUN, "threads": 1})
+    failed = FinetuneConfig(**{**cfg.__dict__, "learning_rate": 5.0})
+    _record(tmp_path / "out", _check_output(failed, plan(failed))[1])  # what a run that died at step 0 leaves
+    (tmp_path / "out" / "metrics.csv").write_text("step\n")
+    last, doc = _check_output(cfg, plan(cfg))
+    assert last == 0 and doc["identity"]["learning_rate"] == RUN["learning_rate"]
+
+
+def test_finetune_with_a_dead_address_is_an_error_not_a_hang(tmp_path, tiny_model_dir, cache):
+    from tests.conftest import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    argv = [sys.executable, "-m", "aitextgen_batch", "finetune", "--model", str(tiny_model_dir), "--dataset"]
+    argv += [str(cache), "--output", str(tmp_path / "out"), "--address", dead, "--threads", "1", "--quiet"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"no Ray cluster answers at {dead}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_lightning_flavor_is_the_one_ray_train_uses():
+    """Where both `lightning` and `pytorch_lightning` are installed, Ray Train's strategy is `lightning.pytorch`'s,
+    and our module, callbacks and Trainer must be of that flavor (else every finetune fails). The suite installs
+    `lightning` (test extras), so every finetune test here runs in that world; this test also checks the other."""
+    import importlib.util
+
+    from ray.train.lightning import RayDDPStrategy
+
+    from aitextgen_batch.train.flavor import pl
+    from aitextgen_batch.train.module import CausalLMModule
+
+    assert importlib.util.find_spec("lightning") is not None, "install the test extras: `lightning` is one"
+    assert pl.__name__ == "lightning.pytorch" and issubclass(CausalLMModule, pl.LightningModule)
+    assert issubclass(RayDDPStrategy, pl.strategies.Strategy)
+    # the world without `lightning`: both sides fall back to pytorch_lightning
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'lightning' or name.startswith('lightning.'): raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from ray.train.lightning import RayDDPStrategy\n"
+        "from aitextgen_batch.train.flavor import pl\n"
+        "assert pl.__name__ == 'pytorch_lightning' and issubclass(RayDDPStrategy, pl.strategies.Strategy)\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 def test_training_state_round_trips_without_pickle(tmp_path):
