@@ -24,9 +24,10 @@ from aitextgen_batch.errors import UserError
 from tests.conftest import WORDS, free_port
 
 BASE = {"max_new_tokens": 6, "temperature": 1.0, "top_k": 0, "quiet": True}
-# the reference job's layout: one actor, two shards, two samples per row
+# the reference job's layout: two actors, two shards, two samples per row (the killed-driver run, whose texts must
+# equal the reference's, uses one actor)
 REF = {
-    "num_actors": 1,
+    "num_actors": 2,
     "shard_rows": 64,
     "batch_size": 16,
     "num_return_sequences": 2,
@@ -268,13 +269,12 @@ def test_bad_rows_become_error_rows(tiny_model_dir, tmp_path, ray_local):
     assert df.loc[[0, 5], "error"].isna().all() and (df.loc[[0, 5], "num_generated_tokens"] > 0).all()
 
 
-def test_a_job_whose_every_row_failed_is_not_a_success(tiny_model_dir, tmp_path, ray_address):
+def test_a_job_whose_every_row_failed_is_not_a_success(tiny_model_dir, tmp_path, ray_local):
     inp = tmp_path / "empty-prompts.parquet"
     pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["", "  "]}), inp)
     out = tmp_path / "out"
-    cmd = generate_cmd(input=inp, output=out, model=tiny_model_dir, address=ray_address)
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 1, r.stderr[-2000:]
+    s = generate_dataset(input=str(inp), output=str(out), model=str(tiny_model_dir), **BASE)
+    assert s.status == "failed" and s.error_rows == s.rows == 2  # `generate` exits 1 unless the status is complete
     job = json.loads((out / "_job.json").read_text())
     assert job["status"] == "failed" and job["summary"]["error_rows"] == 2
     first = "empty-prompts.parquet row 0: prompt is empty"
@@ -508,11 +508,13 @@ def test_repeatedly_failing_shard_is_marked_failed_and_the_rest_finishes(tiny_mo
     assert [sh["state"] for sh in job["shards"]] == ["done", "failed"]
 
 
-def test_verify_passes_on_real_output_and_fails_on_tampered(reference, tmp_path):
+def test_verify_passes_on_real_output_and_fails_on_tampered(reference, tmp_path, capsys):
+    import hashlib
     import shutil
 
     report = verify_output(reference, sample=25)
     assert (report["checked"], report["mismatches"], report["duplicates"], report["missing"]) == (25, 0, 0, 0)
+    assert report["damaged_files"] == 0
     row, res, match = replay_row(reference, "item-00042", 1)
     assert match and row["sample_index"] == 1
     bad = tmp_path / "tampered"
@@ -525,17 +527,18 @@ def test_verify_passes_on_real_output_and_fails_on_tampered(reference, tmp_path)
     texts_col = t.column("text").to_pylist()
     texts_col = [x + "!" for x in texts_col]
     pq.write_table(t.set_column(t.schema.get_field_index("text"), "text", pa.array(texts_col)), part)
+    # changed behind the records' back: named as damaged, never trusted
     report = verify_output(bad, sample=240)
-    assert report["mismatches"] == 128 and report["mismatch_rate"] > 0.5
-    rc = subprocess.run(
-        [sys.executable, "-m", "aitextgen_batch", "verify", "--output", str(bad), "--sample", "20"],
-        capture_output=True,
-        text=True,
-    )
-    assert rc.returncode == 1 and "FAILED" in rc.stdout
-    rc = subprocess.run(
-        [sys.executable, "-m", "aitextgen_batch", "replay", "--output", str(bad), "--id", "item-00003"],
-        capture_output=True,
-        text=True,
-    )
-    assert rc.returncode == 1 and "MISMATCH" in rc.stdout
+    assert report["damaged_files"] == 1 and "part-00000.parquet" in report["damaged"]
+    # changed with matching records (as a run on other hardware would write): the regenerated rows disagree
+    record = json.loads((bad / "_done" / "00000.json").read_text())
+    blob = part.read_bytes()
+    record.update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    (bad / "_done" / "00000.json").write_text(json.dumps(record))
+    report = verify_output(bad, sample=240)
+    assert report["damaged_files"] == 0 and report["mismatches"] == 128 and report["mismatch_rate"] > 0.5
+    capsys.readouterr()
+    assert main(["verify", "--output", str(bad), "--sample", "20"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    assert main(["replay", "--output", str(bad), "--id", "item-00003"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out

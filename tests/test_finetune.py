@@ -241,6 +241,22 @@ def test_the_lightning_flavor_is_the_one_ray_train_uses():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
+def test_a_damaged_save_is_never_resumed_from(tmp_path, tiny_model_dir):
+    from aitextgen_batch.models.loading import load_model
+    from aitextgen_batch.train.state import saved_steps, step_problem, write_step
+
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    root = tmp_path / "checkpoints"
+    first, second = (write_step(root, s, model, tok, {"smoothed_loss": 1.0}) for s in (5, 10))
+    assert step_problem(second) is None and [s for s, _ in saved_steps(root)] == [5, 10]
+    weights = second / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated after it was saved
+    assert "model.safetensors differs from the size and sha256" in step_problem(second)
+    assert saved_steps(root) == [(5, first)]  # the resume falls back to the last intact save
+    (first / "training_state" / "optimizer.safetensors").unlink()
+    assert saved_steps(root) == []
+
+
 def test_training_state_round_trips_without_pickle(tmp_path):
     import torch
 

@@ -32,10 +32,10 @@ def _resume_dir(output: Path):
     """A context manager giving the step folder to resume from, or None."""
     import ray.train
 
-    from .state import saved_steps
+    from .state import saved_steps, step_problem
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    if ckpt is not None and step_problem(Path(ckpt.path)) is None:  # a damaged save is never resumed from
         return ckpt.as_directory()
     saved = saved_steps(output / "checkpoints")
     return nullcontext(str(saved[-1][1]) if saved else None)
