@@ -58,7 +58,7 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     model, cache = build(work, args.preset)
     if not ray.is_initialized():
-        ray.init(num_cpus=max(args.workers), logging_level="WARNING")
+        ray.init(address="local", num_cpus=max(args.workers), logging_level="WARNING")  # a new local Ray
     results = {}
     for n in args.workers:
         summary = finetune(
