@@ -129,7 +129,7 @@ def test_text_identical_across_actors_shards_and_batch_size(reference, tiny_mode
     ref = texts(reference)
     out = tmp_path / "out"
     s = generate_dataset(
-        input=str(prompts_dir),
+        input=f"{prompts_dir}/part[01].parquet",  # 80 of the reference's 120 rows, in another layout
         output=str(out),
         model=str(tiny_model_dir),
         num_actors=2,
@@ -138,8 +138,9 @@ def test_text_identical_across_actors_shards_and_batch_size(reference, tiny_mode
         num_return_sequences=2,
         **BASE,
     )
-    assert s["status"] == "complete" and s["shards"] == 18
-    assert texts(out) == ref
+    assert s["status"] == "complete" and s["shards"] == 12
+    got = texts(out)
+    assert len(got) == 160 and got == {k: v for k, v in ref.items() if k in got}
 
 
 def test_rerun_skips_finished_shards_and_refuses_other_params(reference, tiny_model_dir, prompts_dir):
@@ -178,13 +179,15 @@ def test_overwrite_starts_again(tiny_model_dir, prompts_dir, tmp_path, ray_local
     assert pd.read_parquet(out).num_generated_tokens.max() <= 3
 
 
-def _worker_pids() -> list[int]:
+def _busy_worker_pids() -> list[int]:
+    """Actor processes running a shard now (Ray titles them `ray::GenerationWorker.run` while a task runs): never an
+    idle actor, nor one of an earlier job still shutting down."""
     import psutil
 
     return [
         p.pid
         for p in psutil.process_iter(["cmdline"])
-        if any("GenerationWorker" in c for c in (p.info["cmdline"] or []))
+        if any("GenerationWorker.run" in c for c in (p.info["cmdline"] or []))
     ]
 
 
@@ -211,7 +214,7 @@ def test_actor_sigkilled_mid_job_is_restarted_and_output_is_exact(reference, tin
     deadline = time.time() + 120
     while time.time() < deadline and killed is None:
         done = len(list((out / "_done").glob("*.json"))) if (out / "_done").exists() else 0
-        pids = _worker_pids()
+        pids = _busy_worker_pids()
         if done >= 2 and pids:
             killed = pids[0]
             os.kill(killed, signal.SIGKILL)
@@ -227,7 +230,7 @@ def test_actor_sigkilled_mid_job_is_restarted_and_output_is_exact(reference, tin
 def test_killed_driver_loses_nothing_and_rerun_resumes(reference, tiny_model_dir, prompts_dir, tmp_path, ray_address):
     out = tmp_path / "out"
     cmd = generate_cmd(
-        input=prompts_dir,
+        input=prompts_dir / "part1.parquet",  # 40 of the reference's rows: their texts must be the reference's
         output=out,
         model=tiny_model_dir,
         address=ray_address,  # the driver joins the session's Ray: killing it kills its actors, not the cluster
@@ -238,12 +241,13 @@ def test_killed_driver_loses_nothing_and_rerun_resumes(reference, tiny_model_dir
     )
     kill_driver_after(cmd, lambda: len(list(out.glob("_done/*.json"))), 3)
     finished = len(list(out.glob("_done/*.json")))
-    assert 3 <= finished < 24
+    assert 3 <= finished < 8
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     job = json.loads((out / "_job.json").read_text())
     assert job["status"] == "complete" and job["summary"]["shards_skipped"] >= finished
-    assert texts(out) == texts(reference)
+    got = texts(out)
+    assert len(got) == 80 and got == {k: v for k, v in texts(reference).items() if k in got}
     assert not list(out.rglob(".*.tmp"))  # the interrupted run's temporary files were cleaned up
 
 
@@ -439,7 +443,9 @@ def test_ctrl_c_says_how_to_resume(tiny_model_dir, prompts_dir, tmp_path, ray_ad
     cmd = generate_cmd(
         input=prompts_dir, output=out, model=tiny_model_dir, address=ray_address, num_actors=1, shard_rows=2
     )
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The default SIGINT disposition, as in a terminal (a background shell would leave the child ignoring it).
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("_done/*.json")):
         time.sleep(0.05)

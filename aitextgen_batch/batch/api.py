@@ -36,7 +36,9 @@ class GenerateConfig:
     batch_size: int = field(default=256, metadata={"help": "items scheduled together in an actor, >= 1"})
     num_actors: int | None = field(default=None, metadata={"help": "default: one per GPU, else one per CPU"})
     gpus_per_actor: float | None = field(default=None, metadata={"help": "default 1 when the cluster has GPUs"})
-    address: str | None = field(default=None, metadata={"help": "Ray cluster address; default: start a local Ray"})
+    address: str | None = field(
+        default=None, metadata={"help": "Ray cluster address; default: $RAY_ADDRESS, else start a local Ray"}
+    )
     max_shard_attempts: int = field(default=3, metadata={"help": "tries per shard before it is marked failed"})
     overwrite: bool = field(default=False, metadata={"help": "delete an existing job in --output and start over"})
     quiet: bool = field(default=False, metadata={"help": "log lines instead of a live progress bar"})
@@ -175,6 +177,9 @@ def check_job(cfg: GenerateConfig) -> CheckedJob:
     from ..models.provenance import inspect_source
     from .inputs import check_output_apart, validate_inputs
 
+    out = Location(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {cfg.output!r} is a file; pass a folder (new, or one a generate run wrote)")
     inputs = validate_inputs(cfg.input, cfg.prompt_column, cfg.id_column, cfg.seed_column, cfg.keep_columns)
     check_output_apart(cfg.output, cfg.input, inputs)
     e = cfg.engine
@@ -333,8 +338,6 @@ def _prepare_output(
         job.created = old.created or t0
     elif out.list(pattern="*.parquet"):
         raise UserError(f"--output {out} already holds Parquet files from something else; use an empty folder")
-    if out.local and out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file; pass a folder")
     out.mkdir()
     cleaned = mf.clean_tmp(out)
     if cleaned:
