@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s by default: each fit would wait that long to notice a start, a
+# registered save, a dead worker or the end. Ray propagates this to the controller and workers of every test fit.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jovial "

@@ -19,7 +19,7 @@ from aitextgen_batch.errors import UserError
 
 REPETITIVE = ["the quick brown fox jumps over the lazy dog."] * 150 + ["seven wizards hex bold zebras."] * 150
 RUN = dict(threads=1, batch_size=4, block_size=32, learning_rate=3e-3, quiet=True)
-TWO = dict(RUN, num_workers=2, max_steps=240, save_every=40, generate_every=120, num_samples=2, sample_tokens=8)
+TWO = dict(RUN, num_workers=2, max_steps=120, save_every=40, generate_every=60, num_samples=2, sample_tokens=8)
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +62,18 @@ def test_two_workers_loss_falls_and_output_loads(two_worker_run):
     from aitextgen_batch import Engine, SamplingParams, load_model
 
     out, s = two_worker_run
-    assert s["status"] == "complete" and s["step"] == 240 and s["resumed_from"] == [0] and s["workers"] == 2
-    assert s["tokens"] == 240 * 2 * 4 * 32 and s["tokens_per_second"] > 0
+    assert s["status"] == "complete" and s["step"] == 120 and s["resumed_from"] == [0] and s["workers"] == 2
+    assert s["tokens"] == 120 * 2 * 4 * 32 and s["tokens_per_second"] > 0
     rows = _rows(out)
-    assert [int(r["step"]) for r in rows] == list(range(1, 241))
+    assert [int(r["step"]) for r in rows] == list(range(1, 121))
     assert float(rows[-1]["loss"]) < 0.5 * float(rows[0]["step_loss"])
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in samples] == [120, 120, 240, 240] and all(isinstance(x["text"], str) for x in samples)
-    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000200", "step-00000240"]
+    assert [x["step"] for x in samples] == [60, 60, 120, 120] and all(isinstance(x["text"], str) for x in samples)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000080", "step-00000120"]
     assert not list(out.glob("*.tmp*")) and not list((out / "checkpoints").glob(".tmp*"))
     final = _weights(out)
-    assert all(final[k].equal(v) for k, v in _weights(out / "checkpoints" / "step-00000240").items())
+    assert all(final[k].equal(v) for k, v in _weights(out / "checkpoints" / "step-00000120").items())
     model, tok = load_model(str(out), device="cpu")
     assert model.config.n_layer == 2
     res = Engine.from_pretrained(str(out), device="cpu").generate(["the quick"], [1], SamplingParams(max_new_tokens=6))
@@ -106,9 +106,6 @@ def _kill_rank0_after_a_registered_save(out, max_steps: int, timeout: float = 15
 def test_killed_worker_resumes_from_last_save(two_worker_run, tmp_path, tiny_model_dir, cache, monkeypatch):
     from aitextgen_batch.train import finetune
 
-    # Ray Train propagates this to its controller: saves are registered (and the dead worker noticed) sooner
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-
     out = tmp_path / "killed"
     result = {}
     run = threading.Thread(
@@ -117,12 +114,12 @@ def test_killed_worker_resumes_from_last_save(two_worker_run, tmp_path, tiny_mod
     run.start()
     registered = _kill_rank0_after_a_registered_save(out, TWO["max_steps"])
     run.join(timeout=240)
-    assert result["status"] == "complete" and result["step"] == 240, result
+    assert result["status"] == "complete" and result["step"] == 120, result
     first, resumed = result["resumed_from"]
     saves = [e["step"] for e in _events(out, "save")]
     assert first == 0 and resumed >= registered > 0 and resumed % 40 == 0 and resumed in saves
     assert result["worker_restarts"] == 1
-    assert [int(r["step"]) for r in _rows(out)] == list(range(1, 241))  # the redone steps are logged once
+    assert [int(r["step"]) for r in _rows(out)] == list(range(1, 121))  # the redone steps are logged once
     # data order, dropout, optimizer and schedule resume exactly: the result equals the uninterrupted run's
     reference = _weights(two_worker_run[0])
     assert all(reference[k].equal(v) for k, v in _weights(out).items())
