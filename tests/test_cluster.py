@@ -358,7 +358,7 @@ def _signal(pids: list[int], sig: signal.Signals) -> None:
             pass
 
 
-def _stop_session(proc: subprocess.Popen, grace: float = 5.0) -> None:
+def _stop_session(proc: subprocess.Popen, grace: float = 2.0) -> None:
     """SIGTERM every process of the head's session (after a job, `ray start --block` alone may not pass it on in
     time), then SIGKILL whatever is left after `grace` seconds."""
     sid = proc.pid  # start_new_session: the head leads its own session
@@ -406,6 +406,7 @@ def ray_head(tmp_path_factory):
         PATH=os.pathsep.join(path),
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",  # the finetune job's controller notices its workers sooner
         PYTHONUNBUFFERED="1",
     )
     ports = ["--port", "--dashboard-port", "--node-manager-port", "--object-manager-port", "--ray-client-server-port"]
