@@ -60,7 +60,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, logging_level="WARNING")
+        # No dashboard: nothing here uses it, and its dozen processes would compete for the 2 CPUs all session.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
