@@ -6,6 +6,9 @@ and when that head died without `ray stop` (killed, OOM, a reboot that kept /tmp
 
 Before joining an address, its host and port are probed with a bounded TCP connect, so a dead or wrong address is an
 error naming the address and the fix instead of a hang.
+
+A local Ray started for one command has no dashboard: nothing in the command uses it, and its dozen processes slow
+the start on a small machine. For a cluster with a dashboard and job API, start a head (cluster/local-head.sh).
 """
 
 from __future__ import annotations
@@ -81,5 +84,6 @@ def connect_ray(address: str | None) -> bool:
     if target != "local":
         target = _resolve_auto(target)
         check_reachable(target)
-    ray.init(address=target, logging_level=logging.WARNING, log_to_driver=True)
+    local = {"include_dashboard": False} if target == "local" else {}
+    ray.init(address=target, logging_level=logging.WARNING, log_to_driver=True, **local)
     return True

@@ -429,15 +429,18 @@ def ray_head(tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def prompts(tmp_path):
+def _write_prompts(path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = tmp_path / "prompts.parquet"
     texts = ["The quick brown fox", "Seven wizards", "Music plays in the garden", "Old river", "A lazy dog", "Stars"]
     pq.write_table(pa.table({"id": [f"row-{i}" for i in range(len(texts))], "prompt": texts}), path)
     return path
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    return _write_prompts(tmp_path / "prompts.parquet")
 
 
 def _generate(model, prompts, out) -> list[str]:
@@ -457,27 +460,44 @@ def _explain(r: subprocess.CompletedProcess, head: Head) -> str:
     return f"exit {r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}\nhead:\n{head_log}"
 
 
+@pytest.fixture(scope="module")
+def generate_jobs(ray_head, tiny_model_dir, tmp_path_factory) -> dict:
+    """A generate job submitted each documented way, both at once (the head's 2 CPUs hold one actor each, and the
+    jobs' start-ups overlap): name -> (the client's CompletedProcess, the job's output folder)."""
+    root = tmp_path_factory.mktemp("jobs")
+    prompts = _write_prompts(root / "prompts.parquet")
+    outs = {"submit": root / "submit-results", "plain": root / "plain-results"}
+    ours = [sys.executable, "-m", "aitextgen_batch", "submit", "--address", ray_head.url, "--env", "HF_HUB_OFFLINE=1"]
+    ours += ["--", *_generate(tiny_model_dir, prompts, outs["submit"])]
+    # The documented path without our CLI; Ray's client sends the token only with RAY_AUTH_MODE=token.
+    plain = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.url, "--working-dir", "."]
+    plain += ["--", "python", "jobs/generate.py", *_generate(tiny_model_dir, prompts, outs["plain"])[1:]]
+    envs = {"submit": ray_head.env, "plain": {**ray_head.env, "RAY_AUTH_MODE": "token"}}
+    procs = {
+        name: subprocess.Popen(
+            argv, cwd=REPO, env=envs[name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, argv in (("submit", ours), ("plain", plain))
+    }
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, out, err), outs[name])
+    return results
+
+
 @pytest.mark.slow
-def test_submit_generate_job(ray_head, tiny_model_dir, prompts, tmp_path):
-    out = tmp_path / "results"
-    r = _cli(
-        "submit", "--address", ray_head.url, "--env", "HF_HUB_OFFLINE=1", "--",
-        *_generate(tiny_model_dir, prompts, out), env=ray_head.env, timeout=300,
-    )  # fmt: skip
+def test_submit_generate_job(generate_jobs, ray_head):
+    r, out = generate_jobs["submit"]
     assert r.returncode == 0, _explain(r, ray_head)
     assert "SUCCEEDED" in r.stderr and "python -m aitextgen_batch generate" in r.stderr
     assert _result_ids(out) == [f"row-{i}" for i in range(6)]
 
 
 @pytest.mark.slow
-def test_plain_ray_job_submit_of_jobs_generate(ray_head, tiny_model_dir, prompts, tmp_path):
-    """The documented path without our CLI; Ray's client sends the token only with RAY_AUTH_MODE=token."""
-    out = tmp_path / "results"
-    argv = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.url, "--working-dir", "."]
-    argv += ["--", "python", "jobs/generate.py", *_generate(tiny_model_dir, prompts, out)[1:]]
-    r = subprocess.run(
-        argv, cwd=REPO, env={**ray_head.env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300
-    )
+def test_plain_ray_job_submit_of_jobs_generate(generate_jobs, ray_head):
+    """The documented path without our CLI (`ray job submit ... python jobs/generate.py`)."""
+    r, out = generate_jobs["plain"]
     assert r.returncode == 0, _explain(r, ray_head)
     assert _result_ids(out) == [f"row-{i}" for i in range(6)]
 
