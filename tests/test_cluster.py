@@ -391,7 +391,8 @@ def _wait_ready(url: str, token_file: Path, proc: subprocess.Popen, log: Path, t
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A real head from cluster/local-head.sh: 2 CPUs, loopback dashboard, token auth with its own token."""
+    """A real head from cluster/local-head.sh: 3 CPUs (the jobs of `head_jobs` run at once: one CPU each), loopback
+    dashboard, token auth with its own token."""
     if not sys.platform.startswith("linux"):
         pytest.skip("stopping the head by its session needs /proc")
     root = tmp_path_factory.mktemp("head")
@@ -418,7 +419,7 @@ def ray_head(tmp_path_factory):
     log = root / "head.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            argv, env={**env, "NUM_CPUS": "2"}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root
+            argv, env={**env, "NUM_CPUS": "3"}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root
         )
     try:
         url = f"http://127.0.0.1:{chosen['--dashboard-port']}"
@@ -461,23 +462,34 @@ def _explain(r: subprocess.CompletedProcess, head: Head) -> str:
 
 
 @pytest.fixture(scope="module")
-def generate_jobs(ray_head, tiny_model_dir, tmp_path_factory) -> dict:
-    """A generate job submitted each documented way, both at once (the head's 2 CPUs hold one actor each, and the
-    jobs' start-ups overlap): name -> (the client's CompletedProcess, the job's output folder)."""
+def head_jobs(ray_head, tiny_model_dir, corpus_file, tmp_path_factory) -> dict:
+    """A generate job submitted each documented way and a finetune job, all at once (one CPU each on the head, and
+    their start-ups overlap): name -> (the client's CompletedProcess, the job's output folder)."""
+    from aitextgen_batch.cli import main
+
     root = tmp_path_factory.mktemp("jobs")
     prompts = _write_prompts(root / "prompts.parquet")
-    outs = {"submit": root / "submit-results", "plain": root / "plain-results"}
-    ours = [sys.executable, "-m", "aitextgen_batch", "submit", "--address", ray_head.url, "--env", "HF_HUB_OFFLINE=1"]
-    ours += ["--", *_generate(tiny_model_dir, prompts, outs["submit"])]
+    outs = {"submit": root / "submit-results", "plain": root / "plain-results", "finetune": root / "finetuned"}
+    cache = root / "cache"
+    assert main(["prepare", "--input", str(corpus_file), "--tokenizer", str(tiny_model_dir), "--output", str(cache),
+                 "--num-shards", "2"]) == 0  # fmt: skip
+    submit = [sys.executable, "-m", "aitextgen_batch", "submit", "--address", ray_head.url]
+    ours = [*submit, "--env", "HF_HUB_OFFLINE=1", "--", *_generate(tiny_model_dir, prompts, outs["submit"])]
     # The documented path without our CLI; Ray's client sends the token only with RAY_AUTH_MODE=token.
     plain = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.url, "--working-dir", "."]
     plain += ["--", "python", "jobs/generate.py", *_generate(tiny_model_dir, prompts, outs["plain"])[1:]]
-    envs = {"submit": ray_head.env, "plain": {**ray_head.env, "RAY_AUTH_MODE": "token"}}
+    finetune = [
+        *submit, "--",
+        "finetune", "--model", str(tiny_model_dir), "--dataset", str(cache), "--output", str(outs["finetune"]),
+        "--num-workers", "1", "--threads", "1", "--max-steps", "4", "--batch-size", "2", "--block-size", "16",
+        "--save-every", "4", "--generate-every", "0", "--quiet",
+    ]  # fmt: skip
+    envs = {"plain": {**ray_head.env, "RAY_AUTH_MODE": "token"}}
     procs = {
         name: subprocess.Popen(
-            argv, cwd=REPO, env=envs[name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            argv, cwd=REPO, env=envs.get(name, ray_head.env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        for name, argv in (("submit", ours), ("plain", plain))
+        for name, argv in (("submit", ours), ("plain", plain), ("finetune", finetune))
     }
     results = {}
     for name, proc in procs.items():
@@ -487,17 +499,17 @@ def generate_jobs(ray_head, tiny_model_dir, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-def test_submit_generate_job(generate_jobs, ray_head):
-    r, out = generate_jobs["submit"]
+def test_submit_generate_job(head_jobs, ray_head):
+    r, out = head_jobs["submit"]
     assert r.returncode == 0, _explain(r, ray_head)
     assert "SUCCEEDED" in r.stderr and "python -m aitextgen_batch generate" in r.stderr
     assert _result_ids(out) == [f"row-{i}" for i in range(6)]
 
 
 @pytest.mark.slow
-def test_plain_ray_job_submit_of_jobs_generate(generate_jobs, ray_head):
+def test_plain_ray_job_submit_of_jobs_generate(head_jobs, ray_head):
     """The documented path without our CLI (`ray job submit ... python jobs/generate.py`)."""
-    r, out = generate_jobs["plain"]
+    r, out = head_jobs["plain"]
     assert r.returncode == 0, _explain(r, ray_head)
     assert _result_ids(out) == [f"row-{i}" for i in range(6)]
 
@@ -527,19 +539,8 @@ def test_submit_with_a_wrong_token_is_refused(ray_head):
 
 
 @pytest.mark.slow
-def test_submit_finetune_job(ray_head, tiny_model_dir, corpus_file, tmp_path):
-    from aitextgen_batch.cli import main
-
-    cache, out = tmp_path / "cache", tmp_path / "finetuned"
-    assert main(["prepare", "--input", str(corpus_file), "--tokenizer", str(tiny_model_dir), "--output", str(cache),
-                 "--num-shards", "2"]) == 0  # fmt: skip
-    r = _cli(
-        "submit", "--address", ray_head.url, "--",
-        "finetune", "--model", str(tiny_model_dir), "--dataset", str(cache), "--output", str(out),
-        "--num-workers", "1", "--threads", "1", "--max-steps", "4", "--batch-size", "2", "--block-size", "16",
-        "--save-every", "4", "--generate-every", "0", "--quiet",
-        env=ray_head.env, timeout=300,
-    )  # fmt: skip
+def test_submit_finetune_job(head_jobs, ray_head):
+    r, out = head_jobs["finetune"]
     assert r.returncode == 0, _explain(r, ray_head)
     assert "SUCCEEDED" in r.stderr
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
