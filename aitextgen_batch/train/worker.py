@@ -21,8 +21,8 @@ PRECISION = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"
 def _quiet() -> None:
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="pytorch_lightning")
-    warnings.filterwarnings("ignore", module="lightning_fabric")
+    for module in ("pytorch_lightning", "lightning_fabric", "lightning"):  # either flavor (see flavor.py)
+        warnings.filterwarnings("ignore", module=module)
     from ..models.loading import quiet_transformers
 
     quiet_transformers()
