@@ -8,6 +8,13 @@ import sys
 from .config import add_dataclass_arguments, config_from_namespace
 from .errors import UserError
 
+# What Ctrl-C leaves behind, per command.
+RESUME = {
+    "generate": "Finished shards are kept: rerun the same command to resume.",
+    "finetune": "Saved steps are kept: rerun the same command to resume from the last one.",
+    "prepare": "Nothing was kept: run it again.",
+}
+
 
 def _train_tokenizer(cfg) -> int:
     from .tokenizer import train_tokenizer
@@ -18,7 +25,8 @@ def _train_tokenizer(cfg) -> int:
 
 
 def _init_model(cfg) -> int:
-    from .models.info import model_info, print_table
+    from .console import print_table
+    from .models.info import model_info
     from .tokenizer import init_model
 
     out = init_model(cfg.preset, cfg.tokenizer, cfg.output, seed=cfg.seed)
@@ -27,8 +35,9 @@ def _init_model(cfg) -> int:
 
 
 def _info(cfg) -> int:
+    from .console import print_table
     from .data.commands import is_token_cache, run_cache_info
-    from .models.info import model_info, print_table
+    from .models.info import model_info
 
     if is_token_cache(cfg.source):
         return run_cache_info(cfg.source)
@@ -37,7 +46,20 @@ def _info(cfg) -> int:
     return 0
 
 
+def _set_threads(threads: int | None) -> None:
+    """torch's CPU thread count is process-wide: set here, in the entry point, never by library code."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _replay(cfg) -> int:
+    _set_threads(cfg.engine.threads)
+    if cfg.output is not None:  # a row of a job's output: the job layer's
+        from .batch.verify import run_replay_row
+
+        return run_replay_row(cfg)
     from .generation.options import run_replay
 
     return run_replay(cfg)
@@ -47,18 +69,20 @@ def _generate(cfg) -> int:
     from .batch.api import generate_dataset
 
     summary = generate_dataset(cfg)
-    return 0 if summary["status"] == "complete" else 1
+    return 0 if summary.status == "complete" else 1
 
 
 def _verify(cfg) -> int:
     from .batch.verify import run_verify
 
+    _set_threads(cfg.threads)
     return run_verify(cfg)
 
 
 def _submit(cfg, command: list[str]) -> int:
-    from .submit import run_submit
+    from .submit import quiet_ray_logs, run_submit
 
+    quiet_ray_logs()
     return run_submit(cfg, command)
 
 
@@ -133,12 +157,23 @@ def main(argv: list[str] | None = None) -> int:
         if job:
             parse(job)
     name, cfg = parse(argv)
+    if name != "submit":
+        from .models.loading import quiet_transformers
+
+        quiet_transformers()  # our own progress and errors are shown instead of its advisory warnings
     try:
         handler = _commands()[name][1]
         return (handler(cfg, job) if name == "submit" else handler(cfg)) or 0
     except UserError as exc:
         print(f"aitextgen-batch {name}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path the user named: missing, a folder, unreadable, a full disk
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc) else ""
+        print(f"aitextgen-batch {name}: error: {exc}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\naitextgen-batch {name}: interrupted. {RESUME.get(name, '')}".rstrip(), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -33,7 +35,12 @@ def check(ok: bool, name: str, message: str, value: Any = _UNSET) -> None:
 
 
 def check_range(name: str, value, lo=None, hi=None, *, lo_open: bool = False) -> None:
-    """Check lo <= value <= hi (or lo < value with lo_open); the message states the allowed range."""
+    """Check lo <= value <= hi (or lo < value with lo_open); the message states the allowed range.
+
+    NaN and the infinities are refused whatever the range: NaN compares false with everything, so it would pass.
+    """
+    check(isinstance(value, (int, float)) and not isinstance(value, bool), name, "must be a number", value)
+    check(math.isfinite(value), name, "must be a finite number", value)
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
     if bad:
         left = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
@@ -88,7 +95,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
             kwargs["nargs"] = "*"
             kwargs["type"] = typing.get_args(tp)[0] if typing.get_args(tp) else str
         else:
-            conv = Path if tp is Path else tp if tp in (int, float, str) else str
+            conv = Path if tp is Path else _finite if tp is float else tp if tp in (int, str) else str
             kwargs["type"] = _none_or(conv) if optional else conv
             kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
         if f.metadata.get("positional"):
@@ -97,6 +104,68 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(f.name, **kwargs)
         else:
             parser.add_argument(flag(f.name), **kwargs)
+
+
+def _finite(text: str) -> float:
+    """argparse type of float flags: NaN and the infinities are refused like any other bad number."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+_finite.__name__ = "finite number"
+
+
+def coerce(name: str, tp, value, where: str = ""):
+    """`value` checked against field `name`'s type `tp` (and converted where lossless: a path to str or Path).
+
+    The one type check of every option, whatever its source (flags, YAML, keyword arguments): an integer field
+    takes integers only, a float field finite numbers only, a bool field true/false only.
+
+    Raises:
+        UserError: naming the field, its flag, the value and `where` it came from (e.g. a YAML file).
+    """
+
+    def bad(what: str):
+        got = f", got {value!r} ({type(value).__name__})"
+        raise UserError(f"{where}{name} ({flag(name)}) must be {what}{got}")
+
+    inner, _ = _unwrap_optional(tp)
+    if value is None:
+        nullable = tp is Any or type(None) in typing.get_args(tp)
+        return None if nullable else bad("given (it cannot be null)")
+    origin = typing.get_origin(inner)
+    if inner is bool:
+        return value if isinstance(value, bool) else bad("true or false")
+    if inner is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else bad("an integer")
+    if inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            bad("a number")
+        return float(value) if math.isfinite(value) else bad("a finite number")
+    if inner is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        return value if isinstance(value, str) else bad("a string")
+    if inner is Path:
+        return Path(value) if isinstance(value, (str, os.PathLike)) else bad("a path")
+    if origin is Literal:
+        choices = typing.get_args(inner)
+        text = str(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else value
+        return text if text in choices else bad(f"one of {', '.join(map(str, choices))}")
+    if origin in (list, tuple):
+        (elem,) = typing.get_args(inner)[:1] or (str,)
+        items = [value] if isinstance(value, (str, os.PathLike)) else value
+        if not isinstance(items, (list, tuple)):
+            bad("a list")
+        return [coerce(name, elem, v, where) for v in items]
+    if origin in (typing.Union, types.UnionType):  # e.g. `str | Path`: keep any value of one of the types
+        for option in typing.get_args(inner):
+            if option is not type(None) and isinstance(value, option):
+                return value
+        return bad(" or ".join(getattr(t, "__name__", str(t)) for t in typing.get_args(inner)))
+    return value
 
 
 def _build(cls, values: dict[str, Any]):
@@ -108,7 +177,7 @@ def _build(cls, values: dict[str, Any]):
         if dataclasses.is_dataclass(hints[f.name]):
             kwargs[f.name] = _build(hints[f.name], values)
         elif f.name in values:
-            kwargs[f.name] = values[f.name]
+            kwargs[f.name] = coerce(f.name, hints[f.name], values[f.name])
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise UserError(f"{flag(f.name)} is required")
     return cls(**kwargs)
@@ -121,16 +190,19 @@ def load_yaml_config(path: str | Path, cls) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--config {str(p)!r} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"--config {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict):
         raise UserError(f"--config {str(p)!r} must hold a mapping of option: value")
-    known = {f.name for f, _ in _fields(cls)}
+    types_by_name = {f.name: tp for f, tp in _fields(cls)}
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name not in known:
-            raise UserError(f"--config {str(p)!r}: unknown option {key!r}; known: {', '.join(sorted(known))}")
-        out[name] = value
+        if name not in types_by_name:
+            raise UserError(f"--config {str(p)!r}: unknown option {key!r}; known: {', '.join(sorted(types_by_name))}")
+        out[name] = coerce(name, types_by_name[name], value, where=f"--config {str(p)!r}: ")
     return out
 
 
@@ -167,7 +239,4 @@ def build_config(cls, options: dict[str, Any]):
     unknown = sorted(set(options) - known)
     if unknown:
         raise UserError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return _build(
-        cls,
-        {k: (str(v) if isinstance(v, Path) and k in ("input", "output", "model") else v) for k, v in options.items()},
-    )
+    return _build(cls, options)

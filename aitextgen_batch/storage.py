@@ -14,9 +14,55 @@ import fnmatch
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import UserError
+
+
+def cache_root() -> Path:
+    """The local cache: downloads of remote model folders and token caches, and staged finetunes to object stores.
+
+    `$AITEXTGEN_BATCH_CACHE` when set, else `~/.cache/aitextgen-batch`.
+    """
+    return Path(os.environ.get("AITEXTGEN_BATCH_CACHE") or Path.home() / ".cache" / "aitextgen-batch")
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open a temporary sibling of local file `path` for binary writing; it replaces `path` only if the block succeeds.
+
+    The data is fsynced before the rename (and the folder after it), so after a crash a reader finds the old file or
+    the whole new one, never a part. Temporary names start with `.` and end in `.tmp`: readers of a folder skip them.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to local file `path` through `atomic_write`."""
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def is_uri(spec: str | os.PathLike) -> bool:
@@ -32,8 +78,8 @@ def filesystem(spec: str | os.PathLike):
         return pafs.LocalFileSystem(), os.path.abspath(s.removeprefix("file://"))
     try:
         fs, path = pafs.FileSystem.from_uri(s)
-    except Exception as exc:
-        raise UserError(f"cannot open {s!r}: {exc}") from None
+    except (ValueError, OSError) as exc:  # ArrowInvalid (a ValueError): unknown scheme or bad URI; OSError: no access
+        raise UserError(f"cannot open {s!r}: {exc}") from exc
     return fs, path.rstrip("/")
 
 
@@ -73,20 +119,24 @@ class Location:
 
     def list(self, *parts: str, pattern: str = "*", recursive: bool = False) -> list[str]:
         """Names (relative to this location) of the files under `parts` matching `pattern`, sorted."""
+        return sorted(self.sizes(*parts, pattern=pattern, recursive=recursive))
+
+    def sizes(self, *parts: str, pattern: str = "*", recursive: bool = False) -> dict[str, int]:
+        """Name (relative to this location) -> size in bytes of the files under `parts` matching `pattern`."""
         import pyarrow.fs as pafs
 
         base = self.path(*parts)
         if not self.exists(*parts):
-            return []
+            return {}
         infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=recursive))
-        out = []
+        out = {}
         for info in infos:
             if info.type != pafs.FileType.File:
                 continue
             rel = info.path[len(self.root) :].lstrip("/")
             if fnmatch.fnmatch(rel.rsplit("/", 1)[-1], pattern):
-                out.append(rel)
-        return sorted(out)
+                out[rel] = info.size
+        return out
 
     def read_bytes(self, *parts: str) -> bytes:
         with self.fs.open_input_stream(self.path(*parts)) as f:
@@ -98,32 +148,14 @@ class Location:
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write a whole file so that no reader ever sees part of it (temp + rename locally)."""
         final = self.path(*parts)
-        parent = final.rsplit("/", 1)[0]
         if self.local:
-            os.makedirs(parent, exist_ok=True)
-            tmp = f"{parent}/.{final.rsplit('/', 1)[-1]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, final)
+            write_file_atomic(final, data)
         else:
             with self.fs.open_output_stream(final) as f:
                 f.write(data)
 
     def write_text(self, text: str, *parts: str) -> None:
         self.write_bytes(text.encode(), *parts)
-
-    def write_parquet(self, table, *parts: str, tmp_dir: str = ".tmp") -> None:
-        """Write a Parquet file atomically: via `tmp_dir` and a rename locally, one PUT on object stores."""
-        import pyarrow.parquet as pq
-
-        final = self.path(*parts)
-        if self.local:
-            os.makedirs(self.path(tmp_dir), exist_ok=True)
-            tmp = self.path(tmp_dir, f"{parts[-1]}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            pq.write_table(table, tmp)
-            os.replace(tmp, final)
-        else:
-            pq.write_table(table, final, filesystem=self.fs)
 
     def delete(self, *parts: str) -> None:
         if self.exists(*parts):
@@ -179,8 +211,7 @@ def local_copy(uri: str, kind: str = "folder") -> Path:
     """
     if not is_uri(uri):
         return Path(uri)
-    root = Path(os.environ.get("AITEXTGEN_BATCH_CACHE", Path.home() / ".cache" / "aitextgen-batch"))
-    dest = root / kind / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    dest = cache_root() / kind / hashlib.sha256(uri.encode()).hexdigest()[:16]
     loc = Location(uri)
     names = loc.list(recursive=True)
     if not names:
@@ -190,10 +221,7 @@ def local_copy(uri: str, kind: str = "folder") -> Path:
         info = loc.fs.get_file_info(loc.path(name))
         if target.exists() and target.stat().st_size == info.size:
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-        tmp.write_bytes(loc.read_bytes(name))
-        os.replace(tmp, target)
+        write_file_atomic(target, loc.read_bytes(name))
     return dest
 
 

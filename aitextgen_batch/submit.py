@@ -184,9 +184,9 @@ def _address_env_cleared():
         os.environ.update(saved)
 
 
-def _quiet_ray_logs() -> None:
+def quiet_ray_logs() -> None:
     """Keep Ray's warnings (a package too large, ...) but not its INFO lines about each uploaded file, nor the
-    warning that .git and .venv are now left out (they are left out here anyway)."""
+    warning that .git and .venv are now left out (they are left out here anyway). Process-wide: the CLI calls it."""
     import logging
 
     logging.getLogger("ray").setLevel(logging.WARNING)
@@ -199,8 +199,6 @@ def connect(address: str | None):
     """A `JobSubmissionClient` for the cluster, sending the token when one is found; errors say what to fix."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
-
-    _quiet_ray_logs()
 
     url = resolve_address(address)
     headers, source = auth_headers()
@@ -282,11 +280,13 @@ def _poll(client, job_id: str) -> None:
 
 def follow(client, job_id: str, url: str) -> int:
     """Stream a job's logs to stdout until it ends, then report; Ctrl-C stops following, not the job."""
+    from aiohttp import ClientError
+
     try:
         try:
             asyncio.run(_tail(client, job_id))
-        except Exception as exc:  # a proxy may refuse websockets: fall back to polling
-            _info(f"(log stream unavailable: {exc}; polling)")
+        except (ClientError, RuntimeError, OSError) as exc:  # a proxy may refuse websockets: fall back to polling
+            _info(f"(log stream unavailable: {type(exc).__name__}: {exc}; polling)")
             _poll(client, job_id)
         while _status(client, job_id) not in TERMINAL:
             time.sleep(0.5)

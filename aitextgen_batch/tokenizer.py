@@ -35,8 +35,7 @@ def train_tokenizer(
     check_range("vocab_size", vocab_size, 258)  # 256 bytes + 2 special tokens
     files = [str(p) for p in (inputs or [])]
     for f in files:
-        if not Path(f).is_file():
-            raise UserError(f"--input {f!r} is not a file")
+        check_text_file(Path(f))
     if not files and texts is None:
         raise UserError("train-tokenizer needs at least one --input FILE")
     tok = ByteLevelBPETokenizer(add_prefix_space=False)
@@ -55,6 +54,32 @@ def train_tokenizer(
     return load_tokenizer(output)
 
 
+def check_text_file(path: Path) -> None:
+    """Refuse a missing file or one that is not UTF-8 text (a binary file), naming the byte where it stops being text.
+
+    Streams the file: it is never held in memory whole.
+    """
+    import codecs
+
+    if not path.is_file():
+        raise UserError(f"--input {str(path)!r} is not a file")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                raise UserError(
+                    f"--input {str(path)!r} is not UTF-8 text ({exc.reason} at byte {offset + exc.start}); "
+                    "train on text files (convert others to UTF-8 first)"
+                ) from exc
+            if not chunk:
+                return
+            offset += len(chunk)
+
+
 def init_model(preset: str, tokenizer: str | Path, output: str | Path, seed: int = 0):
     """Create a from-scratch model of `preset` sized to `tokenizer` and save it (safetensors) with the tokenizer.
 
@@ -64,7 +89,7 @@ def init_model(preset: str, tokenizer: str | Path, output: str | Path, seed: int
     from .models.loading import load_model
 
     out = Path(output)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--output {str(out)!r} exists and is not empty; choose a new folder")
     model, tok = load_model(preset, device="cpu", tokenizer=tokenizer, seed=seed)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A one-machine Ray cluster for aitextgen-batch: the head bound to 127.0.0.1, the dashboard (job API) on loopback
-# only, token auth on. Run from the repository root with the project's environment active:
+# only, token auth on. It uses the project's own environment (.venv, made by `make venv`) whether or not it is
+# activated; without one, the `ray` on PATH (or RAY=/path/to/ray):
 #
 #   cluster/local-head.sh                      # start; returns once the head is up
 #   aitextgen-batch submit -- generate --model /data/model --input /data/prompts --output /data/results
@@ -17,7 +18,17 @@
 # rewrites 127.0.0.1 so that other nodes could join): the token is what guards them, so keep it on.
 set -euo pipefail
 
-RAY="${RAY:-ray}"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -z "${RAY:-}" ]; then
+    if [ -x "$REPO/.venv/bin/ray" ]; then
+        RAY="$REPO/.venv/bin/ray"
+    elif command -v ray >/dev/null 2>&1; then
+        RAY=ray
+    else
+        echo "local-head.sh: no Ray found: run \`make venv\` in $REPO first (or set RAY=/path/to/ray)" >&2
+        exit 1
+    fi
+fi
 NUM_CPUS="${NUM_CPUS:-$(nproc)}"
 # Jobs run `python` from the head's PATH: make it the Python of this `ray` (e.g. RAY=.venv/bin/ray without activating).
 PATH="$(dirname "$(command -v "$RAY")"):$PATH"

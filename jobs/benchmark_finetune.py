@@ -43,7 +43,7 @@ def steady_rate(metrics: Path, skip: int) -> tuple[float, float]:
 def main() -> None:
     import ray
 
-    from aitextgen_batch.models.info import print_table
+    from aitextgen_batch.console import print_table
     from aitextgen_batch.train import finetune
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,7 +58,7 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     model, cache = build(work, args.preset)
     if not ray.is_initialized():
-        ray.init(num_cpus=max(args.workers), logging_level="WARNING")
+        ray.init(address="local", num_cpus=max(args.workers), logging_level="WARNING")  # a new local Ray
     results = {}
     for n in args.workers:
         summary = finetune(

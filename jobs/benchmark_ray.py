@@ -80,7 +80,7 @@ def child(args) -> None:
 
     from aitextgen_batch.batch.api import generate_dataset
 
-    ray.init(num_cpus=2, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, logging_level="ERROR")  # never a head another run started
     stop, peak = threading.Event(), {}
     sampler = threading.Thread(target=_actor_rss_sampler, args=(stop, peak), daemon=True)
     sampler.start()

@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s by default: each fit would wait that long to notice a start, a
+# registered save, a dead worker or the end. Ray propagates this to the controller and workers of every test fit.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jovial "
@@ -63,13 +66,33 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray with 2 CPUs for the whole session (jobs and trainers join it)."""
+    """A real local Ray with 2 CPUs for the whole session (jobs and trainers join it).
+
+    Always a new local Ray (`address="local"`): never one another run on this machine started, so that concurrent
+    test runs cannot collide, and never the head that /tmp/ray/ray_current_cluster names (it may be dead).
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, logging_level="WARNING")
+        # No dashboard: nothing here uses it, and its dozen processes would compete for the 2 CPUs all session.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_local) -> str:
+    """The session Ray's address: a command run in a subprocess joins it (`--address`) instead of starting its own."""
+    return ray_local.get_runtime_context().gcs_address
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 where nothing listens (a dead address)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_collection_modifyitems(config, items):

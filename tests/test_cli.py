@@ -7,15 +7,74 @@ import sys
 
 import pytest
 
-from aitextgen_batch.cli import main, parse
+from aitextgen_batch.batch.api import GenerateConfig
+from aitextgen_batch.cli import _commands, main, parse
+from aitextgen_batch.config import _fields, _unwrap_optional, flag, load_yaml_config
+from aitextgen_batch.errors import UserError
+
+COMMANDS = ("train-tokenizer", "init-model", "info", "generate", "replay", "verify", "prepare", "submit", "finetune")
 
 
-def test_help_lists_commands():
+def test_help_lists_every_command():
     out = subprocess.run(
         [sys.executable, "-m", "aitextgen_batch", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for cmd in ("train-tokenizer", "init-model", "info"):
+    assert sorted(_commands()) == sorted(COMMANDS)
+    for cmd in COMMANDS:
         assert cmd in out
+
+
+def _float_options() -> list[tuple[str, str]]:
+    return [
+        (name, f.name)
+        for name, (cls, _) in _commands().items()
+        for f, tp in _fields(cls)
+        if _unwrap_optional(tp)[0] is float
+    ]
+
+
+def test_every_float_option_refuses_nan_and_infinities_on_the_command_line(capsys):
+    options = _float_options()
+    assert {c for c, _ in options} == {"generate", "replay", "finetune"} and len(options) >= 11
+    for command, name in options:
+        for bad in ("nan", "inf", "-inf", "NaN"):
+            with pytest.raises(SystemExit) as e:
+                parse([command, f"{flag(name)}={bad}"])
+            assert e.value.code == 2
+            assert f"argument {flag(name)}: invalid finite number value: '{bad}'" in capsys.readouterr().err
+
+
+def test_every_float_option_refuses_nan_and_infinities_in_yaml(tmp_path):
+    for command, name in _float_options():
+        cls = _commands()[command][0]
+        for bad in (".nan", ".inf", "-.inf"):
+            path = tmp_path / "c.yaml"
+            path.write_text(f"{name.replace('_', '-')}: {bad}\n")
+            with pytest.raises(UserError, match=rf"{name} \({flag(name)}\) must be a finite number"):
+                load_yaml_config(path, cls)
+
+
+def test_yaml_values_are_type_checked(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("max-new-tokens: '64'\n")
+    with pytest.raises(UserError, match=r"c.yaml': max_new_tokens \(--max-new-tokens\) must be an integer, got '64'"):
+        load_yaml_config(path, GenerateConfig)
+    path.write_text("quiet: 1\n")
+    with pytest.raises(UserError, match=r"quiet \(--quiet\) must be true or false"):
+        load_yaml_config(path, GenerateConfig)
+    path.write_text("temperature: [1, 2\n")
+    with pytest.raises(UserError, match=r"is not valid YAML"):
+        load_yaml_config(path, GenerateConfig)
+
+
+def test_python_api_values_are_checked_like_flags():
+    from aitextgen_batch.config import build_config
+    from aitextgen_batch.generation.params import SamplingParams
+
+    with pytest.raises(UserError, match=r"top_p \(--top-p\) must be a finite number, got nan"):
+        SamplingParams(top_p=float("nan"))
+    with pytest.raises(UserError, match=r"temperature \(--temperature\) must be a finite number"):
+        build_config(GenerateConfig, {"input": "i", "output": "o", "temperature": float("inf")})
 
 
 def test_invalid_value_names_flag_and_range(capsys):
@@ -76,3 +135,49 @@ def test_runtime_error_is_one_clean_line(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing" / "x/")]) == 2
     err = capsys.readouterr().err
     assert "error: model folder" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, tiny_model_dir):
+    """Files a careless user passes: a binary file, a plain file, a model folder whose config.json is not JSON,
+    a token cache."""
+    import shutil
+
+    from aitextgen_batch.data import TokenDataset
+
+    root = tmp_path_factory.mktemp("hostile")
+    (root / "binary.bin").write_bytes(bytes(range(256)) * 64)
+    (root / "file.txt").write_text("a file, not a folder\n")
+    shutil.copytree(tiny_model_dir, root / "badconfig")
+    (root / "badconfig" / "config.json").write_text("{this is not json")
+    TokenDataset.from_texts(["the quick brown fox jumps over the lazy dog."] * 40, tiny_model_dir, root / "cache")
+    (root / "empty").mkdir()
+    return root
+
+
+def _cases(h, model):
+    return {
+        "train-tokenizer": (["--input", str(h / "binary.bin"), "--output", str(h / "tok")], "is not UTF-8 text"),
+        "init-model": (["--tokenizer", str(model), "--output", str(h / "file.txt")], "exists and is not empty"),
+        "info": ([str(h / "badconfig")], "badconfig'"),
+        "generate": (["--input", f"{h}/*.parqet", "--output", str(h / "out")], "matches no Parquet files"),
+        "replay": (["--output", str(h / "empty"), "--id", "x"], "holds no job"),
+        "verify": (["--output", str(h / "empty")], "holds no job"),
+        "prepare": (["--input", str(h / "nope.txt"), "--tokenizer", str(model), "--output", str(h / "c")], "not exist"),
+        "submit": ([], "nothing to run"),
+        "finetune": (
+            ["--model", str(model), "--dataset", str(h / "cache"), "--output", str(h / "file.txt"), "--threads", "1"],
+            "is a file, not a folder",
+        ),
+    }
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_reports_a_user_error_in_one_line(command, hostile, tiny_model_dir, capsys):
+    """A user error is one line (what, where, the fix) and a non-zero exit, in every command: never a traceback."""
+    args, message = _cases(hostile, tiny_model_dir)[command]
+    capsys.readouterr()
+    assert main([command, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"aitextgen-batch {command}: error: ") and err.count("\n") == 1, err
+    assert message in err

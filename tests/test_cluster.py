@@ -108,25 +108,21 @@ def _config_files() -> list[Path]:
     return [*sorted(p for p in CLUSTER.rglob("*") if p.suffix in (".yaml", ".yml", ".sh", ".md")), REPO / "README.md"]
 
 
-def _parses(argv: list[str], where: str) -> bool:
-    """argv parses with the project's own parser (a `submit` on both sides of its `--`); False: not all checkable yet
-    (a command being wired into the CLI; checked as soon as it is)."""
-    from aitextgen_batch.cli import _commands, build_parser, parse
+def _check_parses(argv: list[str], where: str) -> None:
+    """argv parses with the project's own parser (a `submit` on both sides of its `--`)."""
+    from aitextgen_batch.cli import build_parser, parse
     from aitextgen_batch.config import config_from_namespace
 
     try:
         if argv[0] == "submit":
             own, job = split_submit_argv(argv[1:])
-            wired = "submit" in _commands()
-            if wired:
-                config_from_namespace(SubmitConfig, build_parser().parse_args(["submit", *own]))
-            return (_parses(job, where) if job else True) and wired
-        if argv[0] == "finetune" and "finetune" not in _commands():
-            return False
+            config_from_namespace(SubmitConfig, build_parser().parse_args(["submit", *own]))
+            if job:
+                _check_parses(job, where)
+            return
         parse(argv)
     except SystemExit as exc:
         raise AssertionError(f"{where}: `{shlex.join(argv)}` does not parse (exit {exc.code}); see stderr above")
-    return True
 
 
 def test_cluster_folder_has_every_recipe():
@@ -140,7 +136,7 @@ def test_cluster_folder_has_every_recipe():
 @pytest.mark.parametrize("path", _config_files(), ids=lambda p: str(p.relative_to(REPO)))
 def test_entrypoints_exist_and_parse(path, monkeypatch):
     monkeypatch.chdir(REPO)  # `--working-dir .` in a documented command means the repository root
-    where, unchecked = str(path.relative_to(REPO)), []
+    where = str(path.relative_to(REPO))
     for how, name, *args in _entrypoints(_command_lines(path)):
         bad = [a for a in args if re.search(r"<[^>]*>|\bCHANGE", a)]
         assert not bad, f"{where}: placeholder arguments {bad}: use real-looking paths so they can be checked"
@@ -152,10 +148,7 @@ def test_entrypoints_exist_and_parse(path, monkeypatch):
             if not command:
                 continue
             argv = [command.group(1), *args]  # a thin entrypoint for one command: its arguments are that command's
-        if not _parses(argv, where):
-            unchecked.append(shlex.join(argv)[:80])
-    if unchecked:
-        pytest.skip(f"not wired into the CLI yet, so not checked: {unchecked}")
+        _check_parses(argv, where)
 
 
 def test_every_kuberay_job_and_launcher_config_names_a_checked_entrypoint():
@@ -290,15 +283,6 @@ def test_auth_token_sources_in_rays_order(tmp_path, monkeypatch):
     assert auth_headers() == ({}, None)
 
 
-def _wired(command: str) -> bool:
-    from aitextgen_batch.cli import _commands
-
-    return command in _commands()
-
-
-needs_submit = pytest.mark.skipif(not _wired("submit"), reason="`submit` is not wired into cli.py yet")
-
-
 def _cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """`aitextgen-batch ARGS` in a subprocess, run from the repository root (so `--working-dir .` is the repo)."""
     return subprocess.run(
@@ -311,12 +295,24 @@ def _cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess
     )
 
 
+def test_readme_says_how_to_activate_right_after_setup():
+    """`make demo`/`make test` install into .venv: the README must say how to get its commands on PATH at once."""
+    text = (REPO / "README.md").read_text()
+    setup = text.index("make test")
+    activate = text.find("source .venv/bin/activate")
+    assert 0 < activate and activate - setup < 800 and text.index("## Usage") > activate
+
+
+def test_local_head_script_finds_the_project_environment():
+    script = (CLUSTER / "local-head.sh").read_text()
+    assert '"$REPO/.venv/bin/ray"' in script and "make venv" in script
+
+
 def test_relative_data_paths_are_flagged():
     cmd = ["generate", "--model", "gpt2", "--input", "prompts/", "--output", "/data/out", "--dataset", "s3://b/c"]
     assert relative_paths(cmd) == ["--input prompts/"]
 
 
-@needs_submit
 def test_submit_refuses_a_bad_job_flag_before_connecting():
     r = _cli("submit", "--address", "http://127.0.0.1:9", "--", "generate", "--input", "p.parquet")
     assert r.returncode == 2 and "--output" in r.stderr and "Ray" not in r.stderr
@@ -362,7 +358,7 @@ def _signal(pids: list[int], sig: signal.Signals) -> None:
             pass
 
 
-def _stop_session(proc: subprocess.Popen, grace: float = 5.0) -> None:
+def _stop_session(proc: subprocess.Popen, grace: float = 2.0) -> None:
     """SIGTERM every process of the head's session (after a job, `ray start --block` alone may not pass it on in
     time), then SIGKILL whatever is left after `grace` seconds."""
     sid = proc.pid  # start_new_session: the head leads its own session
@@ -395,7 +391,8 @@ def _wait_ready(url: str, token_file: Path, proc: subprocess.Popen, log: Path, t
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A real head from cluster/local-head.sh: 2 CPUs, loopback dashboard, token auth with its own token."""
+    """A real head from cluster/local-head.sh: 3 CPUs (the jobs of `head_jobs` run at once: one CPU each), loopback
+    dashboard, token auth with its own token."""
     if not sys.platform.startswith("linux"):
         pytest.skip("stopping the head by its session needs /proc")
     root = tmp_path_factory.mktemp("head")
@@ -403,11 +400,14 @@ def ray_head(tmp_path_factory):
     home.mkdir()
     temp_dir = Path(tempfile.mkdtemp(prefix="rayhead", dir="/tmp"))  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # The project's environment is not on PATH (not activated), as for a new user: the script finds .venv itself.
+    path = [d for d in env.get("PATH", "").split(os.pathsep) if d and Path(d).resolve() != VENV_BIN.resolve()]
     env.update(
         HOME=str(home),
-        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        PATH=os.pathsep.join(path),
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",  # the finetune job's controller notices its workers sooner
         PYTHONUNBUFFERED="1",
     )
     ports = ["--port", "--dashboard-port", "--node-manager-port", "--object-manager-port", "--ray-client-server-port"]
@@ -419,7 +419,7 @@ def ray_head(tmp_path_factory):
     log = root / "head.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            argv, env={**env, "NUM_CPUS": "2"}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root
+            argv, env={**env, "NUM_CPUS": "3"}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root
         )
     try:
         url = f"http://127.0.0.1:{chosen['--dashboard-port']}"
@@ -430,15 +430,18 @@ def ray_head(tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def prompts(tmp_path):
+def _write_prompts(path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = tmp_path / "prompts.parquet"
     texts = ["The quick brown fox", "Seven wizards", "Music plays in the garden", "Old river", "A lazy dog", "Stars"]
     pq.write_table(pa.table({"id": [f"row-{i}" for i in range(len(texts))], "prompt": texts}), path)
     return path
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    return _write_prompts(tmp_path / "prompts.parquet")
 
 
 def _generate(model, prompts, out) -> list[str]:
@@ -458,34 +461,60 @@ def _explain(r: subprocess.CompletedProcess, head: Head) -> str:
     return f"exit {r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}\nhead:\n{head_log}"
 
 
+@pytest.fixture(scope="module")
+def head_jobs(ray_head, tiny_model_dir, corpus_file, tmp_path_factory) -> dict:
+    """A generate job submitted each documented way and a finetune job, all at once (one CPU each on the head, and
+    their start-ups overlap): name -> (the client's CompletedProcess, the job's output folder)."""
+    from aitextgen_batch.cli import main
+
+    root = tmp_path_factory.mktemp("jobs")
+    prompts = _write_prompts(root / "prompts.parquet")
+    outs = {"submit": root / "submit-results", "plain": root / "plain-results", "finetune": root / "finetuned"}
+    cache = root / "cache"
+    assert main(["prepare", "--input", str(corpus_file), "--tokenizer", str(tiny_model_dir), "--output", str(cache),
+                 "--num-shards", "2"]) == 0  # fmt: skip
+    submit = [sys.executable, "-m", "aitextgen_batch", "submit", "--address", ray_head.url]
+    ours = [*submit, "--env", "HF_HUB_OFFLINE=1", "--", *_generate(tiny_model_dir, prompts, outs["submit"])]
+    # The documented path without our CLI; Ray's client sends the token only with RAY_AUTH_MODE=token.
+    plain = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.url, "--working-dir", "."]
+    plain += ["--", "python", "jobs/generate.py", *_generate(tiny_model_dir, prompts, outs["plain"])[1:]]
+    finetune = [
+        *submit, "--",
+        "finetune", "--model", str(tiny_model_dir), "--dataset", str(cache), "--output", str(outs["finetune"]),
+        "--num-workers", "1", "--threads", "1", "--max-steps", "4", "--batch-size", "2", "--block-size", "16",
+        "--save-every", "4", "--generate-every", "0", "--quiet",
+    ]  # fmt: skip
+    envs = {"plain": {**ray_head.env, "RAY_AUTH_MODE": "token"}}
+    procs = {
+        name: subprocess.Popen(
+            argv, cwd=REPO, env=envs.get(name, ray_head.env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, argv in (("submit", ours), ("plain", plain), ("finetune", finetune))
+    }
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, out, err), outs[name])
+    return results
+
+
 @pytest.mark.slow
-@needs_submit
-def test_submit_generate_job(ray_head, tiny_model_dir, prompts, tmp_path):
-    out = tmp_path / "results"
-    r = _cli(
-        "submit", "--address", ray_head.url, "--env", "HF_HUB_OFFLINE=1", "--",
-        *_generate(tiny_model_dir, prompts, out), env=ray_head.env, timeout=300,
-    )  # fmt: skip
+def test_submit_generate_job(head_jobs, ray_head):
+    r, out = head_jobs["submit"]
     assert r.returncode == 0, _explain(r, ray_head)
     assert "SUCCEEDED" in r.stderr and "python -m aitextgen_batch generate" in r.stderr
     assert _result_ids(out) == [f"row-{i}" for i in range(6)]
 
 
 @pytest.mark.slow
-def test_plain_ray_job_submit_of_jobs_generate(ray_head, tiny_model_dir, prompts, tmp_path):
-    """The documented path without our CLI; Ray's client sends the token only with RAY_AUTH_MODE=token."""
-    out = tmp_path / "results"
-    argv = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.url, "--working-dir", "."]
-    argv += ["--", "python", "jobs/generate.py", *_generate(tiny_model_dir, prompts, out)[1:]]
-    r = subprocess.run(
-        argv, cwd=REPO, env={**ray_head.env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300
-    )
+def test_plain_ray_job_submit_of_jobs_generate(head_jobs, ray_head):
+    """The documented path without our CLI (`ray job submit ... python jobs/generate.py`)."""
+    r, out = head_jobs["plain"]
     assert r.returncode == 0, _explain(r, ray_head)
     assert _result_ids(out) == [f"row-{i}" for i in range(6)]
 
 
 @pytest.mark.slow
-@needs_submit
 def test_submit_no_wait_status_and_stop(ray_head, tiny_model_dir, prompts, tmp_path):
     env = ray_head.env
     r = _cli(
@@ -504,29 +533,14 @@ def test_submit_no_wait_status_and_stop(ray_head, tiny_model_dir, prompts, tmp_p
 
 
 @pytest.mark.slow
-@needs_submit
 def test_submit_with_a_wrong_token_is_refused(ray_head):
     r = _cli("submit", "--address", ray_head.url, "--status", "x", env={**ray_head.env, "RAY_AUTH_TOKEN": "wrong"})
     assert r.returncode == 2 and "refused the token from RAY_AUTH_TOKEN" in r.stderr, r.stderr
 
 
 @pytest.mark.slow
-@needs_submit
-def test_submit_finetune_job(ray_head, tiny_model_dir, corpus_file, tmp_path):
-    from aitextgen_batch.cli import main
-
-    if not (REPO / "jobs" / "finetune.py").is_file() or not _wired("finetune"):
-        pytest.skip("the finetune command is not wired into the CLI yet")
-    cache, out = tmp_path / "cache", tmp_path / "finetuned"
-    assert main(["prepare", "--input", str(corpus_file), "--tokenizer", str(tiny_model_dir), "--output", str(cache),
-                 "--num-shards", "2"]) == 0  # fmt: skip
-    r = _cli(
-        "submit", "--address", ray_head.url, "--",
-        "finetune", "--model", str(tiny_model_dir), "--dataset", str(cache), "--output", str(out),
-        "--num-workers", "1", "--threads", "1", "--max-steps", "4", "--batch-size", "2", "--block-size", "16",
-        "--save-every", "4", "--generate-every", "0", "--quiet",
-        env=ray_head.env, timeout=300,
-    )  # fmt: skip
+def test_submit_finetune_job(head_jobs, ray_head):
+    r, out = head_jobs["finetune"]
     assert r.returncode == 0, _explain(r, ray_head)
     assert "SUCCEEDED" in r.stderr
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()

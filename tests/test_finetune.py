@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,7 +19,7 @@ from aitextgen_batch.errors import UserError
 
 REPETITIVE = ["the quick brown fox jumps over the lazy dog."] * 150 + ["seven wizards hex bold zebras."] * 150
 RUN = dict(threads=1, batch_size=4, block_size=32, learning_rate=3e-3, quiet=True)
-TWO = dict(RUN, num_workers=2, max_steps=240, save_every=40, generate_every=120, num_samples=2, sample_tokens=8)
+TWO = dict(RUN, num_workers=2, max_steps=120, save_every=40, generate_every=60, num_samples=2, sample_tokens=8)
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +62,18 @@ def test_two_workers_loss_falls_and_output_loads(two_worker_run):
     from aitextgen_batch import Engine, SamplingParams, load_model
 
     out, s = two_worker_run
-    assert s["status"] == "complete" and s["step"] == 240 and s["resumed_from"] == [0] and s["workers"] == 2
-    assert s["tokens"] == 240 * 2 * 4 * 32 and s["tokens_per_second"] > 0
+    assert s["status"] == "complete" and s["step"] == 120 and s["resumed_from"] == [0] and s["workers"] == 2
+    assert s["tokens"] == 120 * 2 * 4 * 32 and s["tokens_per_second"] > 0
     rows = _rows(out)
-    assert [int(r["step"]) for r in rows] == list(range(1, 241))
+    assert [int(r["step"]) for r in rows] == list(range(1, 121))
     assert float(rows[-1]["loss"]) < 0.5 * float(rows[0]["step_loss"])
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in samples] == [120, 120, 240, 240] and all(isinstance(x["text"], str) for x in samples)
-    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000200", "step-00000240"]
+    assert [x["step"] for x in samples] == [60, 60, 120, 120] and all(isinstance(x["text"], str) for x in samples)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000080", "step-00000120"]
     assert not list(out.glob("*.tmp*")) and not list((out / "checkpoints").glob(".tmp*"))
     final = _weights(out)
-    assert all(final[k].equal(v) for k, v in _weights(out / "checkpoints" / "step-00000240").items())
+    assert all(final[k].equal(v) for k, v in _weights(out / "checkpoints" / "step-00000120").items())
     model, tok = load_model(str(out), device="cpu")
     assert model.config.n_layer == 2
     res = Engine.from_pretrained(str(out), device="cpu").generate(["the quick"], [1], SamplingParams(max_new_tokens=6))
@@ -104,9 +106,6 @@ def _kill_rank0_after_a_registered_save(out, max_steps: int, timeout: float = 15
 def test_killed_worker_resumes_from_last_save(two_worker_run, tmp_path, tiny_model_dir, cache, monkeypatch):
     from aitextgen_batch.train import finetune
 
-    # Ray Train propagates this to its controller: saves are registered (and the dead worker noticed) sooner
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-
     out = tmp_path / "killed"
     result = {}
     run = threading.Thread(
@@ -115,12 +114,12 @@ def test_killed_worker_resumes_from_last_save(two_worker_run, tmp_path, tiny_mod
     run.start()
     registered = _kill_rank0_after_a_registered_save(out, TWO["max_steps"])
     run.join(timeout=240)
-    assert result["status"] == "complete" and result["step"] == 240, result
+    assert result["status"] == "complete" and result["step"] == 120, result
     first, resumed = result["resumed_from"]
     saves = [e["step"] for e in _events(out, "save")]
     assert first == 0 and resumed >= registered > 0 and resumed % 40 == 0 and resumed in saves
     assert result["worker_restarts"] == 1
-    assert [int(r["step"]) for r in _rows(out)] == list(range(1, 241))  # the redone steps are logged once
+    assert [int(r["step"]) for r in _rows(out)] == list(range(1, 121))  # the redone steps are logged once
     # data order, dropout, optimizer and schedule resume exactly: the result equals the uninterrupted run's
     reference = _weights(two_worker_run[0])
     assert all(reference[k].equal(v) for k, v in _weights(out).items())
@@ -178,7 +177,81 @@ def test_errors_before_any_worker_starts(tmp_path, tiny_model_dir, cache, corpus
         finetune(dataset=cache, output=tmp_path / "o", **RUN)
     with pytest.raises(UserError, match="holds something other than a finetune run"):
         finetune(dataset=cache, **{**base, "output": tiny_model_dir})
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match=r"--output .*a-file is a file, not a folder"):
+        finetune(dataset=cache, **{**base, "output": tmp_path / "a-file"})
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(UserError, match=r"learning_rate \(--learning-rate\) must be a finite number"):
+            finetune(dataset=cache, **{**base, "learning_rate": bad})
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_failed_before_its_first_save_does_not_block_the_corrected_rerun(tmp_path, tiny_model_dir, cache):
+    from aitextgen_batch.train import FinetuneConfig
+    from aitextgen_batch.train.api import _check_output, _record, plan
+
+    cfg = FinetuneConfig(model=str(tiny_model_dir), dataset=cache, output=tmp_path / "out", **{**RUN, "threads": 1})
+    failed = FinetuneConfig(**{**cfg.__dict__, "learning_rate": 5.0})
+    _record(tmp_path / "out", _check_output(failed, plan(failed))[1])  # what a run that died at step 0 leaves
+    (tmp_path / "out" / "metrics.csv").write_text("step\n")
+    last, doc = _check_output(cfg, plan(cfg))
+    assert last == 0 and doc["identity"]["learning_rate"] == RUN["learning_rate"]
+
+
+def test_finetune_with_a_dead_address_is_an_error_not_a_hang(tmp_path, tiny_model_dir, cache):
+    from tests.conftest import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    argv = [sys.executable, "-m", "aitextgen_batch", "finetune", "--model", str(tiny_model_dir), "--dataset"]
+    argv += [str(cache), "--output", str(tmp_path / "out"), "--address", dead, "--threads", "1", "--quiet"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"no Ray cluster answers at {dead}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_lightning_flavor_is_the_one_ray_train_uses():
+    """Where both `lightning` and `pytorch_lightning` are installed, Ray Train's strategy is `lightning.pytorch`'s,
+    and our module, callbacks and Trainer must be of that flavor (else every finetune fails). The suite installs
+    `lightning` (test extras), so every finetune test here runs in that world; this test also checks the other."""
+    import importlib.util
+
+    from ray.train.lightning import RayDDPStrategy
+
+    from aitextgen_batch.train.flavor import pl
+    from aitextgen_batch.train.module import CausalLMModule
+
+    assert importlib.util.find_spec("lightning") is not None, "install the test extras: `lightning` is one"
+    assert pl.__name__ == "lightning.pytorch" and issubclass(CausalLMModule, pl.LightningModule)
+    assert issubclass(RayDDPStrategy, pl.strategies.Strategy)
+    # the world without `lightning`: both sides fall back to pytorch_lightning
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'lightning' or name.startswith('lightning.'): raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from ray.train.lightning import RayDDPStrategy\n"
+        "from aitextgen_batch.train.flavor import pl\n"
+        "assert pl.__name__ == 'pytorch_lightning' and issubclass(RayDDPStrategy, pl.strategies.Strategy)\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_a_damaged_save_is_never_resumed_from(tmp_path, tiny_model_dir):
+    from aitextgen_batch.models.loading import load_model
+    from aitextgen_batch.train.state import saved_steps, step_problem, write_step
+
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    root = tmp_path / "checkpoints"
+    first, second = (write_step(root, s, model, tok, {"smoothed_loss": 1.0}) for s in (5, 10))
+    assert step_problem(second) is None and [s for s, _ in saved_steps(root)] == [5, 10]
+    weights = second / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated after it was saved
+    assert "model.safetensors differs from the size and sha256" in step_problem(second)
+    assert saved_steps(root) == [(5, first)]  # the resume falls back to the last intact save
+    (first / "training_state" / "optimizer.safetensors").unlink()
+    assert saved_steps(root) == []
 
 
 def test_training_state_round_trips_without_pickle(tmp_path):

@@ -166,3 +166,79 @@ def test_trust_remote_code_off_by_default(tiny_model_dir, tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="--trust-remote-code"):
         load_model(str(tmp_path / "m"))
+
+
+def test_one_context_length_rule():
+    from transformers import GPT2Config, LlamaConfig, PretrainedConfig
+
+    from aitextgen_batch.models.context import DEFAULT_CONTEXT, context_length
+
+    assert context_length(GPT2Config(n_positions=256)) == 256
+    assert context_length(LlamaConfig(max_position_embeddings=4096)) == 4096
+    assert context_length(PretrainedConfig()) == DEFAULT_CONTEXT == 2048  # no field: one documented fallback
+
+
+def test_one_dtype_table_and_one_default_rule():
+    from aitextgen_batch.batch.api import GenerateConfig, _numerics
+    from aitextgen_batch.generation.options import EngineConfig
+    from aitextgen_batch.models.loading import DTYPE_NAMES, default_dtype, default_dtype_name, dtype_name
+
+    for name in DTYPE_NAMES:  # every name load_model takes, the flags take too
+        assert EngineConfig(dtype=name).dtype == name
+    with pytest.raises(UserError, match=r"dtype \(--dtype\) must be one of float32, fp32"):
+        EngineConfig(dtype="float64")
+    assert dtype_name("bf16") == dtype_name(torch.bfloat16) == "bfloat16" and dtype_name("half") == "float16"
+    # the job records the dtype load_model uses, by the same rule, on every machine
+    cfg = GenerateConfig(input="i", output="o")
+    assert _numerics(cfg, "cuda").dtype == default_dtype_name("cuda") == "bfloat16"
+    assert _numerics(cfg, "cpu").dtype == "float32" and default_dtype("cpu") == torch.float32
+    assert (
+        _numerics(GenerateConfig(input="i", output="o", engine=EngineConfig(dtype="fp16")), "cuda").dtype == "float16"
+    )
+
+
+def test_loading_a_preset_leaves_the_global_rng_alone(tokenizer_dir):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_model("tiny", device="cpu", tokenizer=tokenizer_dir, seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_invalid_config_json_is_a_user_error(tiny_model_dir, tmp_path):
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"'.*m': cannot load its (tokenizer|config)"):
+        load_model(str(tmp_path / "m"))
+
+
+def _imported_top_modules(path) -> set[str]:
+    """The `aitextgen_batch` subpackages/modules a file in a subpackage imports (at any depth in the file)."""
+    import ast
+
+    tops = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 2:  # from ..X import y / from .. import X
+            tops |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        elif (
+            isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("aitextgen_batch.")
+        ):
+            tops.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            tops |= {a.name.split(".")[1] for a in node.names if a.name.startswith("aitextgen_batch.")}
+    return tops
+
+
+def test_core_packages_do_not_import_the_job_layers():
+    """generation/, models/ and data/ (the core) import nothing from batch/, train/ or submit.py."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "aitextgen_batch"
+    bad = [
+        f"{path.relative_to(root)} imports {top}"
+        for package in ("generation", "models", "data")
+        for path in sorted((root / package).glob("*.py"))
+        for top in _imported_top_modules(path) & {"batch", "train", "submit"}
+    ]
+    assert not bad, bad
+    assert "batch" not in _imported_top_modules(root / "train" / "api.py")  # the Ray helper is raycluster.py's

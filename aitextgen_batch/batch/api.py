@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 from ..config import check, check_range, to_dict
 from ..errors import UserError
-from ..generation.engine import DEFAULT_SLOTS
 from ..generation.options import EngineConfig
 from ..generation.params import SamplingParams
 from ..storage import Location
 from . import manifest as mf
+from .manifest import Columns, DoneRecord, Identity, JobSpec, ModelSpec, Numerics
 
 log = logging.getLogger("aitextgen_batch")
 
@@ -36,7 +36,9 @@ class GenerateConfig:
     batch_size: int = field(default=256, metadata={"help": "items scheduled together in an actor, >= 1"})
     num_actors: int | None = field(default=None, metadata={"help": "default: one per GPU, else one per CPU"})
     gpus_per_actor: float | None = field(default=None, metadata={"help": "default 1 when the cluster has GPUs"})
-    address: str | None = field(default=None, metadata={"help": "Ray cluster address; default: start a local Ray"})
+    address: str | None = field(
+        default=None, metadata={"help": "Ray cluster address; default: $RAY_ADDRESS, else start a local Ray"}
+    )
     max_shard_attempts: int = field(default=3, metadata={"help": "tries per shard before it is marked failed"})
     overwrite: bool = field(default=False, metadata={"help": "delete an existing job in --output and start over"})
     quiet: bool = field(default=False, metadata={"help": "log lines instead of a live progress bar"})
@@ -61,25 +63,58 @@ class GenerateConfig:
         check(not clash, "keep_columns", f"cannot keep {clash}: those names are output columns", self.keep_columns)
 
 
-def ensure_ray(address: str | None) -> bool:
-    """Connect to `address`, or to the cluster of a `ray job submit` (RAY_ADDRESS), or start a local Ray.
+@dataclass
+class Resources:
+    """How the job's actors are placed (`_resources`)."""
 
-    Returns True when this call started Ray (and so should shut it down).
+    num_actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    threads: int
+    device: str  # "cuda" or "cpu"
+
+
+@dataclass
+class JobSummary:
+    """What `generate_dataset` returns (and `_job.json` stores as `summary`). Reads as a mapping too: `s["rows"]`."""
+
+    status: str  # complete | failed | incomplete
+    output: str
+    shards: int
+    shards_done: int
+    shards_skipped: int
+    shards_failed: int
+    rows: int
+    error_rows: int
+    tokens: int
+    tokens_per_second: float
+    seconds: float
+    actors: int
+    actor_restarts: int
+    retries: int
+    failed: dict[str, str] = field(default_factory=dict)  # shard -> error ("all" when every row is an error row)
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CheckedJob:
+    """What the driver knows once the inputs and the model are checked, before Ray starts."""
+
+    inputs: object  # inputs.InputCheck
+    fingerprint: str
+
+
+def _resources(cfg: GenerateConfig) -> Resources:
+    """How many actors, with what, from the cluster's resources and the flags.
+
+    Raises:
+        UserError: more actors than the cluster can place (they would never start), or GPUs the cluster lacks.
     """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(**kwargs)
-    return True
-
-
-def _resources(cfg: GenerateConfig) -> tuple[int, float, float, int, str]:
-    """(num_actors, cpus_per_actor, gpus_per_actor, threads, device) from the cluster and the flags."""
     import ray
 
     res = ray.cluster_resources()
@@ -88,97 +123,125 @@ def _resources(cfg: GenerateConfig) -> tuple[int, float, float, int, str]:
     if gpa > 0:
         if gpus == 0:
             raise UserError("--gpus-per-actor asks for GPUs but the Ray cluster has none; pass --gpus-per-actor 0")
-        n = cfg.num_actors or max(1, int(gpus / gpa))
+        fits = int(gpus / gpa)
+        n = cfg.num_actors or max(1, fits)
+        if n > fits:
+            raise UserError(
+                f"--num-actors {n} x --gpus-per-actor {gpa:g} needs {n * gpa:g} GPUs but the Ray cluster has {gpus}; "
+                f"pass --num-actors {max(1, fits)} or fewer"
+            )
         cpa = max(1.0, min(4.0, cpus / n))
         threads = int(cfg.engine.threads or cpa)
-        return n, cpa, gpa, threads, "cuda"
+        return Resources(n, cpa, gpa, threads, "cuda")
     # One single-threaded actor per CPU: measured faster than fewer actors with more threads each
     # (jobs/benchmark_ray.py: 2 actors x 1 thread beat 1 actor x 2 threads by 1.4x on 2 CPUs).
     n = cfg.num_actors or max(1, cpus)
+    if n > cpus:
+        raise UserError(
+            f"--num-actors {n} needs at least {n} CPUs (one each) but the Ray cluster has {cpus}: the rest would "
+            f"never start. Pass --num-actors {cpus} or fewer, or use a larger cluster (--address)"
+        )
     threads = int(cfg.engine.threads or max(1, cpus // n))
-    return n, float(min(threads, max(1, cpus // n))), 0.0, threads, "cpu"
+    return Resources(n, float(min(threads, max(1, cpus // n))), 0.0, threads, "cpu")
 
 
-def _numerics(cfg: GenerateConfig, device: str) -> dict:
+def _numerics(cfg: GenerateConfig, device: str) -> Numerics:
     """What fixes the engine's arithmetic: device kind, dtype and slots (all recorded in the manifest)."""
+    from ..generation.engine import DEFAULT_SLOTS
+    from ..models.loading import default_dtype_name, dtype_name
+
     e = cfg.engine
-    return {
-        "device": device,
-        "dtype": e.dtype or ("float32" if device == "cpu" else "bfloat16"),
-        "slots": e.slots or DEFAULT_SLOTS[device],
-    }
+    dtype = dtype_name(e.dtype) if e.dtype else default_dtype_name(device)
+    return Numerics(device=device, dtype=dtype, slots=e.slots or DEFAULT_SLOTS[device])
 
 
-def _model_spec(cfg: GenerateConfig) -> dict:
+def _model_spec(cfg: GenerateConfig) -> ModelSpec:
     """How to load the model (stored in the manifest; an empty source is the bundled default model)."""
     e = cfg.engine
-    return {
-        "source": e.model,
-        "tokenizer": str(e.tokenizer) if e.tokenizer else None,
-        "trust_remote_code": e.trust_remote_code,
-        "allow_pickle": e.allow_pickle,
-    }
+    return ModelSpec(
+        source=e.model,
+        tokenizer=str(e.tokenizer) if e.tokenizer else None,
+        trust_remote_code=e.trust_remote_code,
+        allow_pickle=e.allow_pickle,
+    )
 
 
-def _build_job(cfg: GenerateConfig, device: str) -> dict:
+def check_job(cfg: GenerateConfig) -> CheckedJob:
+    """Every check that needs no cluster, run before Ray starts: inputs, output placement, model and lengths.
+
+    Raises:
+        UserError: a bad input file, an --output inside --input, a model that cannot load (pickle weights without
+            --allow-pickle are refused before any file is opened), or --max-new-tokens beyond the model's context.
+    """
+    from ..generation.prompts import room_error
+    from ..models.provenance import inspect_source
+    from .inputs import check_output_apart, validate_inputs
+
+    out = Location(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {cfg.output!r} is a file; pass a folder (new, or one a generate run wrote)")
+    inputs = validate_inputs(cfg.input, cfg.prompt_column, cfg.id_column, cfg.seed_column, cfg.keep_columns)
+    check_output_apart(cfg.output, cfg.input, inputs)
+    e = cfg.engine
+    facts = inspect_source(e.model, e.tokenizer, e.trust_remote_code, e.allow_pickle)
+    room = room_error(cfg.sampling.max_new_tokens, facts.context_length)
+    if room:
+        raise UserError(room)
+    return CheckedJob(inputs, facts.fingerprint)
+
+
+def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> JobSpec:
     import pyarrow as pa
 
-    from ..models.provenance import fingerprint_source, package_versions
-    from .inputs import validate_inputs
+    from ..models.provenance import package_versions
     from .plan import plan_shards
 
-    id_col = cfg.id_column
-    files, types, has_id, id_type = validate_inputs(
-        cfg.input, cfg.prompt_column, id_col, cfg.seed_column, cfg.keep_columns
+    inputs = checked.inputs
+    identity = Identity(
+        model_fingerprint=checked.fingerprint,
+        sampling=to_dict(cfg.sampling),
+        job_seed=cfg.seed,
+        columns=Columns(
+            prompt=cfg.prompt_column,
+            id=cfg.id_column if inputs.has_id else None,
+            seed=cfg.seed_column,
+            keep=list(cfg.keep_columns),
+        ),
+        inputs=[[f.name, f.rows] for f in inputs.files],
+        shard_rows=cfg.shard_rows,
+        engine=numerics,
     )
-    e = cfg.engine
-    fingerprint = fingerprint_source(e.model, e.tokenizer, e.trust_remote_code)
-    numerics = _numerics(cfg, device)
-    identity = {
-        "model_fingerprint": fingerprint,
-        "sampling": to_dict(cfg.sampling),
-        "job_seed": cfg.seed,
-        "columns": {
-            "prompt": cfg.prompt_column,
-            "id": id_col if has_id else None,
-            "seed": cfg.seed_column,
-            "keep": list(cfg.keep_columns),
-        },
-        "inputs": [[f.name, f.rows] for f in files],
-        "shard_rows": cfg.shard_rows,
-        "engine": numerics,
-    }
-    keep = pa.schema([pa.field(c, types[c]) for c in cfg.keep_columns])
-    return {
-        "format": mf.FORMAT,
-        "identity": identity,
-        "output": Location(cfg.output).uri,
-        "model": _model_spec(cfg),
-        "files": [dataclasses.asdict(f) for f in files],
-        "has_id": has_id,
-        "id_type": id_type,
-        "keep_schema": base64.b64encode(keep.serialize().to_pybytes()).decode(),
-        "shards": plan_shards(files, cfg.shard_rows),
-        "versions": package_versions(),
-    }
+    keep = pa.schema([pa.field(c, inputs.types[c]) for c in cfg.keep_columns])
+    return JobSpec(
+        identity=identity,
+        output=Location(cfg.output).uri,
+        model=_model_spec(cfg),
+        files=inputs.files,
+        has_id=inputs.has_id,
+        id_type=inputs.id_type,
+        keep_schema=base64.b64encode(keep.serialize().to_pybytes()).decode(),
+        shards=plan_shards(inputs.files, cfg.shard_rows),
+        versions=package_versions(),
+    )
 
 
-def engine_options(model: dict, numerics: dict, threads: int | None = None) -> dict:
+def engine_options(model: ModelSpec, numerics: Numerics) -> dict:
     """EngineConfig fields that rebuild a job's engine exactly: same model, device kind, dtype and slots."""
     return {
-        "model": model["source"],
-        "tokenizer": model["tokenizer"],
-        "device": numerics["device"],
-        "dtype": numerics["dtype"],
-        "slots": numerics["slots"],
-        "threads": threads,
-        "trust_remote_code": model["trust_remote_code"],
-        "allow_pickle": model["allow_pickle"],
+        "model": model.source,
+        "tokenizer": model.tokenizer,
+        "device": numerics.device,
+        "dtype": numerics.dtype,
+        "slots": numerics.slots,
+        "trust_remote_code": model.trust_remote_code,
+        "allow_pickle": model.allow_pickle,
     }
 
 
-def generate_dataset(config: GenerateConfig | None = None, **options) -> dict:
+def generate_dataset(config: GenerateConfig | None = None, **options) -> JobSummary:
     """Run (or resume) a generation job; returns its summary. Options are the CLI flags as keywords.
+
+    Inputs and model are checked before Ray starts; then Ray is joined (`raycluster.connect_ray`).
 
     Example:
         generate_dataset(input="prompts.parquet", output="out/", model="my-model/", max_new_tokens=64)
@@ -187,11 +250,13 @@ def generate_dataset(config: GenerateConfig | None = None, **options) -> dict:
         UserError: bad input, model or flags (nothing is written), or a job in `output` made differently.
     """
     from ..config import build_config
+    from ..raycluster import connect_ray
 
     cfg = config or build_config(GenerateConfig, options)
-    started = ensure_ray(cfg.address)
+    checked = check_job(cfg)
+    started = connect_ray(cfg.address)
     try:
-        return _run(cfg)
+        return _run(cfg, checked)
     finally:
         if started:
             import ray
@@ -199,39 +264,47 @@ def generate_dataset(config: GenerateConfig | None = None, **options) -> dict:
             ray.shutdown()
 
 
-def _run(cfg: GenerateConfig) -> dict:
+@dataclass
+class _Outcome:
+    """What a run produced, for `_finish`."""
+
+    records: dict[int, DoneRecord | None]
+    failed: dict[int, str]
+    skipped: int
+    actors: int
+    actor_restarts: int = 0
+    retries: int = 0
+
+
+def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
     from .progress import JobProgress
     from .runner import run_shards, start_actors, stop_actors
 
     t0 = time.time()
-    n_actors, cpa, gpa, threads, device = _resources(cfg)
+    res = _resources(cfg)
+    job = _build_job(cfg, checked, _numerics(cfg, res.device))
+    out = Location(job.output)
+    pending, skipped, records = _prepare_output(cfg, job, out, t0)
+    outcome = _Outcome(records, {}, skipped, 0)
+    total_rows = sum(s.rows for s in job.shards)
+    progress = JobProgress(len(job.shards), total_rows, quiet=cfg.quiet, already=[r for r in records.values() if r])
     actors: list = []
     try:
-        # Actors start first and load the model while the driver checks the inputs; on any input error
-        # they are stopped before anything is written.
-        options = engine_options(_model_spec(cfg), _numerics(cfg, device), threads)
-        actors = start_actors(options, n_actors, cpa, gpa, threads)
-        job = _build_job(cfg, device)
-        out = Location(job["output"])
-        pending, skipped, records = _prepare_output(cfg, job, out, t0)
-        actors = _trim(actors, len(pending))
-        failed: dict[int, str] = {}
-        total_rows = sum(s["rows"] for s in job["shards"])
-        progress = JobProgress(
-            len(job["shards"]), total_rows, quiet=cfg.quiet, already=[r for r in records.values() if r]
-        )
-        stats = {"actor_restarts": 0, "retries": 0}
+        if pending:
+            n = min(res.num_actors, len(pending))
+            options = engine_options(job.model, job.identity.engine)
+            actors = start_actors(options, n, res.cpus_per_actor, res.gpus_per_actor, res.threads)
+
+        def done(rec: DoneRecord) -> None:
+            records[rec.shard] = rec
+            progress.shard_done(rec)
+
+        def fail(shard: int, err: str) -> None:
+            outcome.failed[shard] = err
+            progress.shard_failed(shard, err)
+
         with progress:
             if pending:
-
-                def done(rec):
-                    records[rec["shard"]] = rec
-                    progress.shard_done(rec)
-
-                def fail(s, err):
-                    failed[s] = err
-                    progress.shard_failed(s, err)
-
                 stats = run_shards(
                     actors,
                     job,
@@ -242,71 +315,85 @@ def _run(cfg: GenerateConfig) -> dict:
                     on_fail=fail,
                     on_tick=progress.tick,
                 )
+                outcome.actors = stats.actors_started
+                outcome.actor_restarts, outcome.retries = stats.actor_restarts, stats.retries
     finally:
         stop_actors(actors)
-    return _finish(job, out, records, failed, skipped, stats, t0, len(actors) or n_actors, progress)
+    return _finish(job, out, outcome, t0, progress)
 
 
-def _trim(actors: list, needed: int) -> list:
-    """Stop the actors beyond the number of shards left to do."""
-    from .runner import stop_actors
+def _prepare_output(
+    cfg: GenerateConfig, job: JobSpec, out: Location, t0: float
+) -> tuple[list[int], int, dict[int, DoneRecord | None]]:
+    """Check or create OUT, clean leftovers, write the manifest; returns (pending shards, skipped, done records).
 
-    stop_actors(actors[needed:])
-    return actors[:needed]
-
-
-def _prepare_output(cfg: GenerateConfig, job: dict, out: Location, t0: float):
-    """Check or create OUT, clean leftovers, write the manifest; returns (pending, skipped, records)."""
+    A finished shard is trusted only when its part file has the size and sha256 its record states.
+    """
     old = mf.read_job(out)
     if old is not None and cfg.overwrite:
         mf.wipe(out)
         old = None
     if old is not None:
-        mf.check_compatible(old, job["identity"], out)
-        job["created"] = old.get("created", t0)
+        mf.check_compatible(old, job.identity, out)
+        job.created = old.created or t0
     elif out.list(pattern="*.parquet"):
         raise UserError(f"--output {out} already holds Parquet files from something else; use an empty folder")
     out.mkdir()
     cleaned = mf.clean_tmp(out)
     if cleaned:
         log.warning("removed %d leftover temporary files from an interrupted run", cleaned)
-    job.setdefault("created", t0)
-    job["status"] = "running"
+    job.created = job.created or t0
+    job.status = "running"
     mf.write_job(out, job)
-    names = set(out.list(recursive=True))
-    records = {s["shard"]: mf.done_record(out, s["shard"], names) for s in job["shards"]}
+    sizes = out.sizes(recursive=True)
+    records = {s.shard: mf.done_record(out, s.shard, sizes) for s in job.shards}
+    redo = [s for s, r in records.items() if r is None and mf.done_name(s) in sizes]
+    if redo:
+        log.warning("%d finished shard(s) no longer match their records (changed or damaged): redoing them", len(redo))
+        for s in redo:
+            out.delete(mf.done_name(s))
     pending = [s for s, r in records.items() if r is None]
-    return pending, len(job["shards"]) - len(pending), records
+    return pending, len(job.shards) - len(pending), records
 
 
-def _finish(job, out, records, failed, skipped, stats, t0, n_actors, progress) -> dict:
-    for s in job["shards"]:
-        rec = records.get(s["shard"])
-        s["state"] = "done" if rec else "failed" if s["shard"] in failed else "pending"
+def _finish(job: JobSpec, out: Location, outcome: _Outcome, t0: float, progress) -> JobSummary:
+    """Record each shard's state and the summary in `_job.json`; a job whose every row failed is not complete."""
+    records, failed = outcome.records, outcome.failed
+    for s in job.shards:
+        rec = records.get(s.shard)
+        s.state = "done" if rec else "failed" if s.shard in failed else "pending"
         if rec:
-            s.update({k: rec[k] for k in ("rows_out", "tokens", "errors", "seconds")})
-        if s["shard"] in failed:
-            s["error"] = failed[s["shard"]]
+            s.rows_out, s.tokens, s.errors, s.seconds = rec.rows_out, rec.tokens, rec.errors, rec.seconds
+        s.error = failed.get(s.shard)
     done = [r for r in records.values() if r]
-    summary = {
-        "output": out.uri,
-        "shards": len(job["shards"]),
-        "shards_done": len(done),
-        "shards_skipped": skipped,
-        "shards_failed": len(failed),
-        "rows": sum(r["rows_out"] for r in done),
-        "error_rows": sum(r["errors"] for r in done),
-        "tokens": sum(r["tokens"] for r in done),
-        "seconds": round(time.time() - t0, 2),
-        "actors": n_actors,
-        **stats,
-    }
-    summary["tokens_per_second"] = round(progress.session_tokens / max(progress.elapsed, 1e-9), 1)
-    job["status"] = "complete" if len(done) == len(job["shards"]) else "failed" if failed else "incomplete"
-    job["summary"] = summary
-    job["failed"] = {str(k): v for k, v in failed.items()}
+    summary = JobSummary(
+        status="incomplete",
+        output=out.uri,
+        shards=len(job.shards),
+        shards_done=len(done),
+        shards_skipped=outcome.skipped,
+        shards_failed=len(failed),
+        rows=sum(r.rows_out for r in done),
+        error_rows=sum(r.errors for r in done),
+        tokens=sum(r.tokens for r in done),
+        tokens_per_second=round(progress.session_tokens / max(progress.elapsed, 1e-9), 1),
+        seconds=round(time.time() - t0, 2),
+        actors=outcome.actors,
+        actor_restarts=outcome.actor_restarts,
+        retries=outcome.retries,
+        failed={str(k): v for k, v in failed.items()},
+    )
+    if len(done) == len(job.shards):
+        summary.status = "complete"
+        if summary.rows and summary.error_rows == summary.rows:
+            first = next((r.first_error for r in done if r.first_error), None)
+            summary.status = "failed"
+            summary.failed["all"] = f"every one of the {summary.rows} rows is an error row; the first: {first}"
+    elif failed:
+        summary.status = "failed"
+    job.status = summary.status
+    job.summary = summary.to_json()
+    job.failed = summary.failed
     mf.write_job(out, job)
-    summary["status"] = job["status"]
-    summary["failed"] = job["failed"]
     progress.summary(summary)
     return summary

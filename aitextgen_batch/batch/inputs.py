@@ -1,4 +1,4 @@
-"""Input discovery and validation: every file's schema and every id is checked before any actor starts."""
+"""Input discovery and validation: every file's schema and every id is checked before anything starts."""
 
 from __future__ import annotations
 
@@ -8,23 +8,34 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from ..storage import expand_inputs, open_parquet
+from ..storage import Location, expand_inputs, open_parquet
+from .manifest import InputFile
 
 
 @dataclass
-class InputFile:
-    path: str  # as given/resolved; shards refer to files by index
-    name: str  # relative to the input root: used in derived ids
-    rows: int
+class InputCheck:
+    """What `validate_inputs` found: the files in order, column types, and how rows are identified."""
+
+    files: list[InputFile]
+    types: dict  # column name -> pyarrow DataType (prompt, id, seed and kept columns)
+    has_id: bool  # the id column exists (else ids are `file:row`)
+    id_type: str  # "int" or "string"
+    root: str  # the folder input names are relative to
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
 
 
 def _open(path: str):
+    import pyarrow as pa
+
     try:
         return open_parquet(path)
-    except Exception as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise UserError(
             f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}); fix or remove it from --input"
-        ) from None
+        ) from exc
 
 
 def id_key(value) -> str:
@@ -34,16 +45,24 @@ def id_key(value) -> str:
 
 def validate_inputs(
     spec: str, prompt_column: str, id_column: str | None, seed_column: str | None, keep_columns: list[str]
-):
-    """Check every file and return (files, arrow schema of the id/keep columns, id type name).
+) -> InputCheck:
+    """Check every file before anything starts.
 
-    Checks: readable Parquet; the prompt column (and seed/keep columns) exist in every file with one type;
-    ids are unique across all files. Ids are checked through 8-byte digests so the driver's memory holds
-    8 bytes per row, not the ids themselves.
+    Checks: at least one file and one row; readable Parquet; the prompt column holds text and it (and the seed and
+    kept columns) exists in every file with one type; ids are valid and unique across all files. Ids are checked
+    through 8-byte digests so the driver's memory holds 8 bytes per row, not the ids themselves.
+
+    Raises:
+        UserError: naming the file (and row) at fault and the flag to change.
     """
     import pyarrow as pa
 
     paths, root = expand_inputs(spec)
+    if not paths:
+        raise UserError(
+            f"--input {spec!r} matches no Parquet files (a folder is searched for *.parquet; a glob must match "
+            "files): check the path or pattern"
+        )
     files: list[InputFile] = []
     types: dict[str, pa.DataType] = {}
     use_id = None
@@ -77,6 +96,11 @@ def validate_inputs(
                     f"{path}: column {col!r} has type {t}, but earlier files have {types[col]}; make the types agree"
                 )
             types.setdefault(col, t)
+        if not _stringy(types[prompt_column]):
+            raise UserError(
+                f"{path}: the prompt column {prompt_column!r} (--prompt-column) holds {types[prompt_column]}, not "
+                "text; pass the column that holds the prompts as strings"
+            )
         if seed_column and not pa.types.is_integer(types[seed_column]):
             raise UserError(
                 f"{path}: --seed-column {seed_column!r} must hold integers, it has type {types[seed_column]}"
@@ -88,13 +112,60 @@ def validate_inputs(
     if use_id and not (pa.types.is_integer(types[id_column]) or _stringy(types[id_column])):
         raise UserError(f"id column {id_column!r} has type {types[id_column]}; ids must be integers or strings")
     id_type = "int" if use_id and pa.types.is_integer(types[id_column]) else "string"
-    return files, types, bool(use_id), id_type
+    check = InputCheck(files, types, bool(use_id), id_type, root)
+    if check.rows == 0:
+        raise UserError(f"--input {spec!r} holds no rows ({len(files)} Parquet file(s), all empty): nothing to do")
+    return check
+
+
+def check_output_apart(output: str, spec: str, check: InputCheck) -> None:
+    """Refuse an OUT inside the input folder (a rerun would read its own results as prompts) or holding an input.
+
+    Raises:
+        UserError: naming both paths.
+    """
+    out = Location(output).uri.rstrip("/")
+    root = check.root.rstrip("/")
+    if _is_folder_input(spec) and (out == root or out.startswith(root + "/")):
+        raise UserError(
+            f"--output {output!r} is inside --input {spec!r}: a rerun would read its own results as input. "
+            "Choose an --output outside the input folder"
+        )
+    for f in check.files:
+        uri = Location(f.path).uri
+        if uri == out or uri.startswith(out + "/"):
+            raise UserError(
+                f"--input file {f.path} lies inside --output {output!r}: results would be read as prompts. "
+                "Choose an --output apart from the inputs"
+            )
+
+
+def _is_folder_input(spec: str) -> bool:
+    return any(ch in spec for ch in "*?[") or Location(spec).is_dir()
 
 
 def _stringy(t) -> bool:
     import pyarrow as pa
 
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _texts(col, path: str, offset: int, what: str) -> list:
+    """A string column's values; a value that is not valid UTF-8 is a UserError naming the file and row."""
+    import pyarrow as pa
+
+    try:
+        return col.to_pylist()
+    except UnicodeDecodeError:
+        for i, raw in enumerate(col.cast(pa.large_binary()).to_pylist()):
+            try:
+                raw is None or raw.decode()
+            except UnicodeDecodeError as exc:
+                raise UserError(
+                    f"{path} row {offset + i}: {what} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                    "fix the file"
+                ) from exc
+        raise
 
 
 def _digests(values) -> np.ndarray:
@@ -107,12 +178,15 @@ def _digests(values) -> np.ndarray:
 def _check_unique_ids(files: list[InputFile], id_column: str) -> None:
     chunks = []
     for f in files:
+        offset = 0
         for batch in _open(f.path).iter_batches(columns=[id_column], batch_size=65536):
             col = batch.column(0)
+            values = _texts(col, f.path, offset, f"the id (--id-column {id_column!r})")
             if col.null_count:
-                row = col.to_pylist().index(None)
-                raise UserError(f"{f.path}: id column {id_column!r} is null in a row near {row}; every row needs an id")
-            chunks.append(_digests(col.to_pylist()))
+                row = offset + values.index(None)
+                raise UserError(f"{f.path} row {row}: the id (--id-column {id_column!r}) is null; every row needs one")
+            chunks.append(_digests(values))
+            offset += len(values)
     allh = np.concatenate(chunks) if chunks else np.zeros(0, np.uint64)
     s = np.sort(allh)
     dup_h = set(s[1:][s[1:] == s[:-1]].tolist())

@@ -1,66 +1,232 @@
-"""The job folder: `_job.json` (plan, config, provenance, shard states), `_done/` completion records,
-`.tmp/` for files being written (local disk only), and `part-NNNNN.parquet` result shards.
+"""The job folder and its records: `_job.json` (a `JobSpec`), `_done/NNNNN.json` (a `DoneRecord` per finished shard),
+and `part-NNNNN.parquet` result shards. Temporary files start with `.` (local disk only).
 
-Readers (pandas, pyarrow, polars, DuckDB, HF datasets) skip names starting with `_` or `.`, so reading
-OUT gives exactly the result rows. A shard counts as done only when its completion record exists, and
-the record is written after the shard file is complete under its final name (locally through a rename,
-on object stores by one atomic PUT).
+Readers (pandas, pyarrow, polars, DuckDB, HF datasets) skip names starting with `_` or `.`, so reading OUT gives
+exactly the result rows. A shard counts as done only when its completion record exists and its part file still has
+the size and sha256 the record states: the record is written after the part file is complete under its final name
+(locally through a rename, on object stores by one atomic PUT), and a part file damaged since is noticed and redone.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..storage import Location
 
 JOB_FILE = "_job.json"
 DONE_DIR = "_done"
-TMP_DIR = ".tmp"
 FORMAT = "aitextgen-batch/job/v1"
+
+
+@dataclass
+class InputFile:
+    """One input Parquet file; shards refer to it by its index in `JobSpec.files`."""
+
+    path: str  # as given/resolved
+    name: str  # relative to the input root: used in derived ids
+    rows: int
+
+
+@dataclass
+class ModelSpec:
+    """How to load the job's model (an empty source is the bundled default model)."""
+
+    source: str
+    tokenizer: str | None
+    trust_remote_code: bool
+    allow_pickle: bool
+
+
+@dataclass
+class Numerics:
+    """What fixes the engine's arithmetic: device kind, dtype (canonical name) and slots."""
+
+    device: str
+    dtype: str
+    slots: int
+
+
+@dataclass
+class Columns:
+    """Input column names: prompt, id (None: ids derive from file and row), seed (None: derived), kept columns."""
+
+    prompt: str
+    id: str | None
+    seed: str | None
+    keep: list[str]
+
+
+@dataclass
+class Identity:
+    """Everything that determines a job's output rows; a rerun into the same OUT must have the same identity."""
+
+    model_fingerprint: str
+    sampling: dict
+    job_seed: int
+    columns: Columns
+    inputs: list[list]  # [file name, rows] per input file
+    shard_rows: int
+    engine: Numerics
+
+
+@dataclass
+class ShardPlan:
+    """A shard of the plan (`plan.plan_shards`) and, once the job ran, its state and counts."""
+
+    shard: int
+    rows: int
+    segments: list[list[int]]  # [file index, start row, end row] runs of input rows
+    state: str = "pending"  # pending | done | failed
+    rows_out: int | None = None
+    tokens: int | None = None
+    errors: int | None = None
+    seconds: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class DoneRecord:
+    """The completion record of a shard, written after its part file; `bytes` and `sha256` vouch for that file."""
+
+    shard: int
+    file: str
+    rows_in: int
+    rows_out: int
+    tokens: int
+    errors: int
+    seconds: float
+    host: str
+    pid: int
+    bytes: int
+    sha256: str
+    first_error: str | None = None  # the first error row's message, for a job whose every row failed
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> DoneRecord:
+        return cls(**data)
+
+
+@dataclass
+class JobSpec:
+    """`_job.json`: the plan, identity, provenance and state of a generation job."""
+
+    identity: Identity
+    output: str
+    model: ModelSpec
+    files: list[InputFile]
+    has_id: bool
+    id_type: str  # "int" or "string"
+    keep_schema: str  # base64 Arrow schema of the kept columns
+    shards: list[ShardPlan]
+    versions: dict[str, str]
+    format: str = FORMAT
+    created: float | None = None
+    status: str = "running"  # running | complete | failed | incomplete
+    summary: dict | None = None
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> JobSpec:
+        """Rebuild from `to_json`'s output.
+
+        Raises:
+            KeyError, TypeError: a document of another layout (`read_job` reports it).
+        """
+        ident = dict(data["identity"])
+        ident["columns"] = Columns(**ident["columns"])
+        ident["engine"] = Numerics(**ident["engine"])
+        return cls(
+            **{
+                **data,
+                "identity": Identity(**ident),
+                "model": ModelSpec(**data["model"]),
+                "files": [InputFile(**f) for f in data["files"]],
+                "shards": [ShardPlan(**s) for s in data["shards"]],
+            }
+        )
 
 
 def part_name(shard: int) -> str:
     return f"part-{shard:05d}.parquet"
 
 
-def write_job(out: Location, job: dict) -> None:
-    out.write_text(json.dumps(job, indent=1, sort_keys=True), JOB_FILE)
+def done_name(shard: int) -> str:
+    return f"{DONE_DIR}/{shard:05d}.json"
 
 
-def read_job(out: Location) -> dict | None:
+def write_job(out: Location, job: JobSpec) -> None:
+    out.write_text(json.dumps(job.to_json(), indent=1, sort_keys=True), JOB_FILE)
+
+
+def read_job(out: Location) -> JobSpec | None:
+    """The job in OUT, or None when OUT holds none.
+
+    Raises:
+        UserError: `_job.json` is not valid JSON, or not a job manifest of this version (named, with the fix).
+    """
     if not out.exists(JOB_FILE):
         return None
+    where = out.uri_of(JOB_FILE)
     try:
-        return json.loads(out.read_text(JOB_FILE))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{out.uri_of(JOB_FILE)} is not valid JSON ({exc}); remove it or pass --overwrite") from None
+        data = json.loads(out.read_text(JOB_FILE))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{where} is not valid JSON ({exc}); remove it or pass --overwrite") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise UserError(f"{where} has format {got!r}, not {FORMAT!r}; pass --overwrite to start again")
+    try:
+        return JobSpec.from_json(data)
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{where} is not a complete {FORMAT} manifest ({exc}); pass --overwrite") from exc
 
 
-def done_record(out: Location, shard: int, names: set[str] | None = None) -> dict | None:
-    """The completion record of `shard`, or None when the shard is not (fully) done.
+def sha256_of(out: Location, name: str) -> str:
+    """The sha256 of file `name` in OUT, streamed."""
+    sha = hashlib.sha256()
+    with out.fs.open_input_stream(out.path(name)) as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return sha.hexdigest()
 
-    `names`: the files in OUT, when the caller listed them already (one listing instead of two lookups).
+
+def done_record(out: Location, shard: int, sizes: dict[str, int]) -> DoneRecord | None:
+    """The completion record of `shard`, or None when the shard must be (re)done.
+
+    None when the record or the part file is missing, the record is unreadable, or the part file's size or sha256
+    differs from the record's (truncated, rewritten or corrupted since).
+
+    Args:
+        sizes: name -> size of every file in OUT (`Location.sizes(recursive=True)`), listed once by the caller.
     """
-    rec = f"{DONE_DIR}/{shard:05d}.json"
-    if names is not None:
-        if rec not in names or part_name(shard) not in names:
-            return None
-    elif not out.exists(rec) or not out.exists(part_name(shard)):
+    part = part_name(shard)
+    if done_name(shard) not in sizes or part not in sizes:
         return None
     try:
-        return json.loads(out.read_text(DONE_DIR, f"{shard:05d}.json"))
-    except (json.JSONDecodeError, OSError):
+        rec = DoneRecord.from_json(json.loads(out.read_text(done_name(shard))))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, TypeError):
         return None
+    if rec.bytes != sizes[part] or rec.sha256 != sha256_of(out, part):
+        return None
+    return rec
 
 
-def write_done(out: Location, shard: int, record: dict) -> None:
-    out.write_text(json.dumps(record, sort_keys=True), DONE_DIR, f"{shard:05d}.json")
+def write_done(out: Location, record: DoneRecord) -> None:
+    out.write_text(json.dumps(record.to_json(), sort_keys=True), done_name(record.shard))
 
 
 def clean_tmp(out: Location) -> int:
-    """Remove leftovers of interrupted local writes; returns how many were removed."""
-    leftovers = out.list(TMP_DIR) + out.list(pattern=".*.tmp") + out.list(DONE_DIR, pattern=".*.tmp")
+    """Remove leftovers of interrupted local writes (`.NAME.*.tmp`); returns how many were removed."""
+    leftovers = out.list(".tmp") + out.list(pattern=".*.tmp") + out.list(DONE_DIR, pattern=".*.tmp")
     for name in leftovers:
         out.delete(name)
     return len(leftovers)
@@ -70,18 +236,16 @@ def wipe(out: Location) -> None:
     """--overwrite: remove what a previous job wrote into OUT (and nothing else)."""
     for name in out.list(pattern="part-*.parquet"):
         out.delete(name)
-    for name in (DONE_DIR, TMP_DIR, JOB_FILE):
+    for name in (DONE_DIR, JOB_FILE):
         out.delete(name)
 
 
-def check_compatible(old: dict, identity: dict, out: Location) -> None:
+def check_compatible(old: JobSpec, identity: Identity, out: Location) -> None:
     """Refuse to resume into OUT when the job there was made with another model, params, inputs or plan."""
-    if old.get("format") != FORMAT:
-        raise UserError(f"{out.uri_of(JOB_FILE)} has format {old.get('format')!r}, not {FORMAT!r}; pass --overwrite")
-    before = old.get("identity", {})
-    diffs = [k for k in sorted(set(before) | set(identity)) if before.get(k) != identity.get(k)]
+    before, now = dataclasses.asdict(old.identity), dataclasses.asdict(identity)
+    diffs = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
     if diffs:
-        detail = "; ".join(f"{k}: {before.get(k)!r} -> {identity.get(k)!r}" for k in diffs[:4])
+        detail = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diffs[:4])
         raise UserError(
             f"{out} holds a job made with a different {', '.join(diffs)} ({detail}). Use a new "
             "--output, or pass --overwrite to delete its results and start again"

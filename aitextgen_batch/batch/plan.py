@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from .inputs import InputFile
+from .manifest import InputFile, ShardPlan
 
 
-def plan_shards(files: list[InputFile], shard_rows: int) -> list[dict]:
+def plan_shards(files: list[InputFile], shard_rows: int) -> list[ShardPlan]:
     """Cut the concatenated rows of `files` into shards of `shard_rows` rows (the last may be shorter).
 
-    A shard is {"shard": i, "rows": n, "segments": [[file_index, start, end], ...]}: a shard may span
-    the end of one file and the start of the next, so small files still make full shards.
+    A shard's segments are [file_index, start, end] runs: a shard may span the end of one file and the start of the
+    next, so small files still make full shards.
     """
-    shards: list[dict] = []
+    shards: list[ShardPlan] = []
     cur: list[list[int]] = []
     cur_rows = 0
     for fi, f in enumerate(files):
@@ -22,8 +22,8 @@ def plan_shards(files: list[InputFile], shard_rows: int) -> list[dict]:
             cur_rows += take
             start += take
             if cur_rows == shard_rows:
-                shards.append({"shard": len(shards), "rows": cur_rows, "segments": cur})
+                shards.append(ShardPlan(len(shards), cur_rows, cur))
                 cur, cur_rows = [], 0
     if cur_rows:
-        shards.append({"shard": len(shards), "rows": cur_rows, "segments": cur})
+        shards.append(ShardPlan(len(shards), cur_rows, cur))
     return shards

@@ -6,17 +6,19 @@ import logging
 import sys
 import time
 
+from .manifest import DoneRecord
+
 log = logging.getLogger("aitextgen_batch")
 
 
 class JobProgress:
     """Tracks shard completions; rates count only work done in this session (not skipped shards)."""
 
-    def __init__(self, shards: int, rows: int, *, quiet: bool, already: list[dict]):
+    def __init__(self, shards: int, rows: int, *, quiet: bool, already: list[DoneRecord]):
         self.quiet = quiet
         self.total_shards, self.total_rows = shards, rows
         self.done_shards = len(already)
-        self.done_rows = sum(r["rows_in"] for r in already)
+        self.done_rows = sum(r.rows_in for r in already)
         self.session_tokens = 0
         self.session_rows = 0
         self.t0 = time.perf_counter()
@@ -60,19 +62,19 @@ class JobProgress:
     def _rate_text(self) -> str:
         return f"{self.session_tokens / max(self.elapsed, 1e-9):,.0f} tok/s"
 
-    def shard_done(self, rec: dict) -> None:
+    def shard_done(self, rec: DoneRecord) -> None:
         self.done_shards += 1
-        self.done_rows += rec["rows_in"]
-        self.session_rows += rec["rows_in"]
-        self.session_tokens += rec["tokens"]
+        self.done_rows += rec.rows_in
+        self.session_rows += rec.rows_in
+        self.session_tokens += rec.tokens
         if self._progress:
             self._progress.update(
                 self._task, completed=self.done_shards, rows=self._rows_text(), rate=self._rate_text()
             )
         else:
             print(
-                f"shard {rec['shard']:05d} done: {rec['rows_out']} rows, {rec['tokens']} tokens, "
-                f"{rec['seconds']:.1f}s ({self.done_shards}/{self.total_shards} shards, {self._rate_text()})",
+                f"shard {rec.shard:05d} done: {rec.rows_out} rows, {rec.tokens} tokens, "
+                f"{rec.seconds:.1f}s ({self.done_shards}/{self.total_shards} shards, {self._rate_text()})",
                 file=sys.stderr,
                 flush=True,
             )
@@ -88,28 +90,11 @@ class JobProgress:
         if self._progress:
             self._progress.update(self._task, rate=self._rate_text())
 
-    def summary(self, s: dict) -> None:
-        from ..models.info import print_table
+    def summary(self, s) -> None:
+        """Print a `JobSummary` as a table, then each failed shard's error."""
+        from ..console import print_table
 
-        rows = {
-            k: s[k]
-            for k in (
-                "status",
-                "output",
-                "shards",
-                "shards_done",
-                "shards_skipped",
-                "shards_failed",
-                "rows",
-                "error_rows",
-                "tokens",
-                "tokens_per_second",
-                "seconds",
-                "actors",
-                "actor_restarts",
-                "retries",
-            )
-        }
+        rows = {k: v for k, v in s.to_json().items() if k != "failed"}
         print_table(rows, title="generation summary")
-        for shard, err in s.get("failed", {}).items():
+        for shard, err in s.failed.items():
             print(f"failed shard {shard}: {err}", file=sys.stderr)

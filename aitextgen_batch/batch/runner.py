@@ -10,12 +10,27 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from .manifest import DoneRecord, JobSpec
+
+STARTUP_TIMEOUT_S = 1800.0  # no actor up after this long (model load included): the cluster cannot place them
+
+
+@dataclass
+class RunStats:
+    """Counters of one `run_shards` call."""
+
+    actor_restarts: int = 0
+    retries: int = 0
+    actors_started: int = 0
 
 
 class GenerationWorker:
     """Body of the Ray actor: the engine is built once in `__init__`, then `run` is called per shard.
 
-    The job travels with each call (as one object-store reference), so an actor that Ray restarts after
+    The actor's process is an entry point, so it sets the process-wide state itself (transformers' logging, torch's
+    threads). The job travels with each call (as one object-store reference), so an actor that Ray restarts after
     its process died needs nothing but its constructor arguments.
     """
 
@@ -30,10 +45,14 @@ class GenerationWorker:
             torch.set_num_threads(threads)
         self.engine = EngineConfig(**engine_options).build()
 
-    def run(self, job: dict, shard_index: int, batch_size: int) -> dict:
+    def ready(self) -> str:
+        """Answered once the engine is loaded: the scheduler hands shards only to actors that answered."""
+        return self.engine.fingerprint
+
+    def run(self, job: JobSpec, shard_index: int, batch_size: int) -> DoneRecord:
         from .shard import run_shard
 
-        want = job["identity"]["model_fingerprint"]
+        want = job.identity.model_fingerprint
         if self.engine.fingerprint != want:
             raise RuntimeError(
                 f"model fingerprint {self.engine.fingerprint} on this worker differs from the "
@@ -45,7 +64,7 @@ class GenerationWorker:
 def start_actors(
     engine_options: dict, num_actors: int, cpus_per_actor: float, gpus_per_actor: float, threads: int | None
 ) -> list:
-    """Start the actors now: they import torch and load the model while the driver checks inputs."""
+    """Start the actors; each loads the model in its constructor (`run_shards` waits for each to be ready)."""
     import ray
 
     env = storage_env()
@@ -59,7 +78,7 @@ def start_actors(
     return [actor_cls.remote(engine_options, threads) for _ in range(num_actors)]
 
 
-# Object-store settings the driver was given travel to the actors (which may have been started before them).
+# Object-store settings the driver was given travel to the actors.
 STORAGE_ENV = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -87,51 +106,80 @@ def stop_actors(actors: list) -> None:
 
 def run_shards(
     actors: list,
-    job: dict,
+    job: JobSpec,
     pending: list[int],
     *,
     batch_size: int,
     max_attempts: int,
-    on_done: Callable[[dict], None],
+    on_done: Callable[[DoneRecord], None],
     on_fail: Callable[[int, str], None],
     on_tick: Callable[[], None] | None = None,
-) -> dict:
+    startup_timeout: float = STARTUP_TIMEOUT_S,
+) -> RunStats:
     """Run `pending` shards on `actors` until each is done or has failed `max_attempts` times.
 
-    Returns counters: {"actor_restarts": int, "retries": int}.
+    A shard goes only to an actor that has answered `ready` (its model is loaded): an actor Ray has not placed or
+    not (re)started is never waited on with work. If no actor is up after `startup_timeout` seconds, or every actor
+    failed to start, the shards left are failed with the reason.
     """
+    import time
+
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
     job_ref = ray.put(job)
     queue = deque(pending)
-    idle = deque(range(len(actors)))
+    starting = {actors[a].ready.remote(): a for a in range(len(actors))}
+    idle: deque[int] = deque()
     inflight: dict = {}
     attempts: dict[int, int] = {}
-    stats = {"actor_restarts": 0, "retries": 0}
+    stats = RunStats()
+    dead: dict[int, str] = {}
+    since = time.monotonic()
     while queue or inflight:
         while idle and queue:
             a, s = idle.popleft(), queue.popleft()
             inflight[actors[a].run.remote(job_ref, s, batch_size)] = (a, s)
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+        stalled = not idle and not inflight
+        if stalled and (not starting or time.monotonic() - since > startup_timeout):
+            reason = "; ".join(sorted(set(dead.values()))) or (
+                f"no actor started within {startup_timeout:.0f} s: the Ray cluster cannot place them "
+                "(see --num-actors, --gpus-per-actor)"
+            )
+            while queue:
+                on_fail(queue.popleft(), f"no actor to run it: {reason}")
+            break
+        ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=0.5)
         if on_tick:
             on_tick()
         for ref in ready:
+            if ref in starting:
+                a = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    stats.actors_started += 1
+                    idle.append(a)
+                    since = time.monotonic()
+                except (RayActorError, RayTaskError) as exc:  # the constructor failed: the model did not load
+                    dead[a] = f"actor failed to start: {_first_line(exc)}"
+                continue
             a, s = inflight.pop(ref)
-            idle.append(a)
             try:
                 on_done(ray.get(ref))
+                idle.append(a)
                 continue
             except RayActorError as exc:  # the process died (killed, OOM, ...): Ray restarts it
-                stats["actor_restarts"] += 1
+                stats.actor_restarts += 1
+                starting[actors[a].ready.remote()] = a  # work again once it is back
                 error = f"actor died while generating: {_first_line(exc)}"
             except RayTaskError as exc:
+                idle.append(a)
                 error = _first_line(exc.cause if getattr(exc, "cause", None) else exc)
             attempts[s] = attempts.get(s, 0) + 1
             if attempts[s] >= max_attempts:
                 on_fail(s, f"failed {attempts[s]} times; last error: {error}")
             else:
-                stats["retries"] += 1
+                stats.retries += 1
                 queue.appendleft(s)
     return stats
 

@@ -6,14 +6,17 @@ calls `run_shard` for each shard it pulls.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
+from dataclasses import dataclass
 
 from ..generation.params import SamplingParams
+from ..generation.prompts import prompt_error
 from ..generation.seeds import SEED_MAX, derive_seed, sample_seed
 from ..storage import Location, open_parquet
-from .manifest import part_name, write_done
+from .manifest import DoneRecord, JobSpec, ShardPlan, part_name, write_done
 
 BASE_FIELDS = [
     ("sample_index", "int32"),
@@ -27,38 +30,46 @@ BASE_FIELDS = [
 ]
 
 
-def output_schema(job: dict):
+def output_schema(job: JobSpec):
     """The explicit schema of every result shard: id, the generation fields, then the kept columns."""
     import pyarrow as pa
 
-    cols = job["identity"]["columns"]
-    fields = [pa.field("id", pa.int64() if job["id_type"] == "int" else pa.string(), nullable=False)]
+    fields = [pa.field("id", pa.int64() if job.id_type == "int" else pa.string(), nullable=False)]
     fields += [pa.field(name, getattr(pa, t)()) for name, t in BASE_FIELDS]
     kept = keep_schema(job)
-    fields += [kept.field(c) for c in cols["keep"]]
-    return pa.schema(fields, metadata={"aitextgen_batch.fingerprint": job["identity"]["model_fingerprint"]})
+    fields += [kept.field(c) for c in job.identity.columns.keep]
+    return pa.schema(fields, metadata={"aitextgen_batch.fingerprint": job.identity.model_fingerprint})
 
 
-def keep_schema(job: dict):
+def keep_schema(job: JobSpec):
     """The input types of the kept columns, stored in the manifest as a serialized Arrow schema."""
     import base64
 
     import pyarrow as pa
 
-    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(job["keep_schema"])))
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(job.keep_schema)))
 
 
-def read_rows(job: dict, shard: dict) -> dict[str, list]:
-    """The shard's input rows as columns of Python values, plus `_id` (given or derived from file and row)."""
+@dataclass
+class ShardRows:
+    """A shard's input rows: the Arrow table of the wanted columns, each row's id, and where each row came from."""
+
+    table: object  # pyarrow.Table
+    ids: list
+    origins: list[str]  # "FILE row N", for error messages
+
+
+def read_rows(job: JobSpec, shard: ShardPlan) -> ShardRows:
+    """The shard's input rows (ids given, or derived from file and row)."""
     import pyarrow as pa
 
-    cols = job["identity"]["columns"]
-    wanted = [cols["prompt"]] + ([cols["id"]] if job["has_id"] else []) + ([cols["seed"]] if cols["seed"] else [])
-    wanted += [c for c in cols["keep"] if c not in wanted]
-    tables, ids = [], []
-    for fi, start, end in shard["segments"]:
-        f = job["files"][fi]
-        pf = open_parquet(f["path"])
+    cols = job.identity.columns
+    wanted = [cols.prompt] + ([cols.id] if job.has_id else []) + ([cols.seed] if cols.seed else [])
+    wanted += [c for c in cols.keep if c not in wanted]
+    tables, origins, derived = [], [], []
+    for fi, start, end in shard.segments:
+        f = job.files[fi]
+        pf = open_parquet(f.path)
         md = pf.metadata
         groups, offset, first = [], 0, None
         for g in range(md.num_row_groups):
@@ -67,77 +78,88 @@ def read_rows(job: dict, shard: dict) -> dict[str, list]:
                 groups.append(g)
                 first = offset if first is None else first
             offset += n
-        t = pf.read_row_groups(groups, columns=wanted).slice(start - first, end - start)
-        tables.append(t)
-        if not job["has_id"]:
-            ids.extend(f"{f['name']}:{i}" for i in range(start, end))
+        tables.append(pf.read_row_groups(groups, columns=wanted).slice(start - first, end - start))
+        origins.extend(f"{f.name} row {i}" for i in range(start, end))
+        derived.extend(f"{f.name}:{i}" for i in range(start, end))
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    out = {c: table.column(c).to_pylist() for c in wanted}
-    out["_id"] = out[cols["id"]] if job["has_id"] else ids
-    return out
+    # Given ids were checked (valid UTF-8, unique) before the job started.
+    ids = table.column(cols.id).to_pylist() if job.has_id else derived
+    return ShardRows(table, ids, origins)
 
 
-def _prompt_error(p) -> str | None:
-    if p is None:
-        return "prompt is null"
-    if not isinstance(p, str):
-        return f"prompt must be a string, got {type(p).__name__}"
-    if not p.strip():
-        return "prompt is empty"
-    return None
-
-
-def run_shard(engine, job: dict, shard_index: int, batch_size: int) -> dict:
-    """Generate shard `shard_index` of `job` and record it as done; returns the completion record."""
+def decode_prompts(column, origins: list[str]) -> tuple[list, dict[int, str]]:
+    """The prompts as Python values, and {row: error} for rows that are not valid UTF-8 (they become error rows)."""
     import pyarrow as pa
 
+    try:
+        return column.to_pylist(), {}
+    except UnicodeDecodeError:
+        pass
+    prompts, errors = [], {}
+    for r, raw in enumerate(column.cast(pa.large_binary()).to_pylist()):
+        try:
+            prompts.append(None if raw is None else raw.decode())
+        except UnicodeDecodeError as exc:
+            prompts.append(None)
+            errors[r] = f"prompt is not valid UTF-8 ({exc.reason} at byte {exc.start}) in {origins[r]}"
+    return prompts, errors
+
+
+def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRecord:
+    """Generate shard `shard_index` of `job` and record it as done; returns the completion record."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     t0 = time.perf_counter()
-    out = Location(job["output"])
-    shard = job["shards"][shard_index]
-    ident = job["identity"]
-    cols = ident["columns"]
-    params = SamplingParams(**{**ident["sampling"], "num_return_sequences": 1})
-    k_samples = ident["sampling"]["num_return_sequences"]
+    out = Location(job.output)
+    shard = job.shards[shard_index]
+    ident = job.identity
+    cols = ident.columns
+    params = SamplingParams(**{**ident.sampling, "num_return_sequences": 1})
+    k_samples = ident.sampling["num_return_sequences"]
     rows = read_rows(job, shard)
-    n = shard["rows"]
+    prompts, row_errors = decode_prompts(rows.table.column(cols.prompt), rows.origins)
+    seeds_col = rows.table.column(cols.seed).to_pylist() if cols.seed else None
+    n = shard.rows
 
     # One work item per (row, sample): each has its own seed, so no sample depends on another.
     items, errors = [], {}
     for r in range(n):
-        err = _prompt_error(rows[cols["prompt"]][r])
-        col_seed = rows[cols["seed"]][r] if cols["seed"] else None
-        if err is None and cols["seed"] and (col_seed is None or not 0 <= col_seed <= SEED_MAX):
+        err = row_errors.get(r) or prompt_error(prompts[r])
+        col_seed = seeds_col[r] if seeds_col is not None else None
+        if err is None and seeds_col is not None and (col_seed is None or not 0 <= col_seed <= SEED_MAX):
             err = f"seed must be an integer in [0, 2**63-1], got {col_seed!r}"
         for k in range(k_samples):
-            if cols["seed"]:
+            if seeds_col is not None:
                 seed = sample_seed(col_seed, k) if err is None else 0
             else:
-                seed = derive_seed(ident["job_seed"], rows["_id"][r], k)
+                seed = derive_seed(ident.job_seed, rows.ids[r], k)
             if err is not None:
                 errors[len(items)] = err
             items.append((r, k, seed))
     todo = [i for i in range(len(items)) if i not in errors]
-    results = engine.generate(
-        [rows[cols["prompt"]][items[i][0]] for i in todo], [items[i][2] for i in todo], params, batch_size
-    )
+    results = engine.generate([prompts[items[i][0]] for i in todo], [items[i][2] for i in todo], params, batch_size)
     by_item = dict(zip(todo, results, strict=True))
 
-    data: dict[str, list] = {name: [] for name in ["id"] + [f for f, _ in BASE_FIELDS] + list(cols["keep"])}
+    data: dict[str, list] = {name: [] for name in ["id"] + [f for f, _ in BASE_FIELDS]}
     tokens = n_err = 0
+    first_error = None
     for i, (r, k, seed) in enumerate(items):
         res = by_item.get(i)
-        prompt = rows[cols["prompt"]][r]
-        data["id"].append(rows["_id"][r])
+        prompt = prompts[r]
+        data["id"].append(rows.ids[r])
         data["sample_index"].append(k)
         data["prompt"].append(prompt if isinstance(prompt, str) else None if prompt is None else str(prompt))
         data["seed"].append(seed)
         if res is None or res.error:
             n_err += 1
+            message = errors.get(i) or res.error
+            first_error = first_error or f"{rows.origins[r]}: {message}"
             data["text"].append("")
             data["num_prompt_tokens"].append(res.num_prompt_tokens if res else 0)
             data["num_generated_tokens"].append(0)
             data["finish_reason"].append("error")
-            data["error"].append(errors.get(i) or res.error)
+            data["error"].append(message)
         else:
             tokens += res.num_generated_tokens
             data["text"].append(res.text)
@@ -145,20 +167,29 @@ def run_shard(engine, job: dict, shard_index: int, batch_size: int) -> dict:
             data["num_generated_tokens"].append(res.num_generated_tokens)
             data["finish_reason"].append(res.finish_reason)
             data["error"].append(None)
-        for c in cols["keep"]:
-            data[c].append(rows[c][r])
-    table = pa.Table.from_pydict(data, schema=output_schema(job))
-    out.write_parquet(table, part_name(shard_index))
-    record = {
-        "shard": shard_index,
-        "file": part_name(shard_index),
-        "rows_in": n,
-        "rows_out": table.num_rows,
-        "tokens": tokens,
-        "errors": n_err,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-    }
-    write_done(out, shard_index, record)
+    schema = output_schema(job)
+    arrays = [pa.array(data[name], type=schema.field(name).type) for name in data]
+    # Kept columns are taken as Arrow values (never decoded), in the input's own type.
+    take = pa.array([r for r, _, _ in items], type=pa.int64())
+    arrays += [rows.table.column(c).take(take).cast(schema.field(c).type) for c in cols.keep]
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    blob = sink.getvalue().to_pybytes()
+    out.write_bytes(blob, part_name(shard_index))
+    record = DoneRecord(
+        shard=shard_index,
+        file=part_name(shard_index),
+        rows_in=n,
+        rows_out=table.num_rows,
+        tokens=tokens,
+        errors=n_err,
+        seconds=round(time.perf_counter() - t0, 3),
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        bytes=len(blob),
+        sha256=hashlib.sha256(blob).hexdigest(),
+        first_error=first_error,
+    )
+    write_done(out, record)
     return record

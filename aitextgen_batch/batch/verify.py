@@ -10,29 +10,30 @@ from ..config import check, check_range
 from ..errors import UserError
 from ..storage import Location
 from . import manifest as mf
+from .manifest import JobSpec
 
 
-def load_job(output: str | Path) -> dict:
+def load_job(output: str | Path) -> JobSpec:
     job = mf.read_job(Location(output))
     if job is None:
         raise UserError(f"{output} holds no job (no {mf.JOB_FILE}); pass the --output folder of a generate run")
     return job
 
 
-def job_engine(job: dict, model: str | None = None, threads: int | None = None):
+def job_engine(job: JobSpec, model: str | None = None):
     """The job's engine, rebuilt with the same numerics; `model` may point at a moved copy of the model."""
     import torch
 
     from ..generation.options import EngineConfig
     from .api import engine_options
 
-    opts = engine_options(job["model"], job["identity"]["engine"], threads)
+    opts = engine_options(job.model, job.identity.engine)
     if opts["device"] == "cuda" and not torch.cuda.is_available():
         raise UserError("this job ran on CUDA; replaying it needs a CUDA device (results are exact per device kind)")
     if model:
         opts["model"] = model
     engine = EngineConfig(**opts).build()
-    want = job["identity"]["model_fingerprint"]
+    want = job.identity.model_fingerprint
     if engine.fingerprint != want:
         raise UserError(
             f"model {opts['model']!r} has fingerprint {engine.fingerprint}, but the job was made with "
@@ -41,11 +42,11 @@ def job_engine(job: dict, model: str | None = None, threads: int | None = None):
     return engine
 
 
-def regenerate(engine, job: dict, rows: list[dict]):
+def regenerate(engine, job: JobSpec, rows: list[dict]):
     """Re-generate result rows from their stored prompt and seed (each seed is that sample's own)."""
     from ..generation.params import SamplingParams
 
-    params = SamplingParams(**{**job["identity"]["sampling"], "num_return_sequences": 1})
+    params = SamplingParams(**{**job.identity.sampling, "num_return_sequences": 1})
     return engine.generate([r["prompt"] for r in rows], [r["seed"] for r in rows], params, batch_size=len(rows))
 
 
@@ -57,49 +58,103 @@ def same(row: dict, res) -> bool:
     )
 
 
-def _parts(out: Location) -> list[str]:
-    return out.list(pattern="part-*.parquet")
+@dataclass
+class PartCheck:
+    """The result files of a job, each checked against its completion record (size and sha256)."""
+
+    good: list[str]
+    damaged: dict[str, str]  # file -> what is wrong
+
+
+def check_parts(out: Location, job: JobSpec) -> PartCheck:
+    """Check every `part-*.parquet` against its shard's completion record before anything reads it."""
+    sizes = out.sizes(recursive=True)
+    good, damaged = [], {}
+    for name in sorted(n for n in sizes if n.startswith("part-") and n.endswith(".parquet")):
+        shard = int(name[5:10]) if name[5:10].isdigit() else -1
+        if 0 <= shard < len(job.shards) and mf.done_record(out, shard, sizes) is not None:
+            good.append(name)
+        elif mf.done_name(shard) not in sizes:
+            damaged[name] = "has no completion record (an interrupted or foreign write)"
+        else:
+            damaged[name] = "differs from its completion record (size or sha256): truncated or changed after writing"
+    return PartCheck(good, damaged)
 
 
 def _read(out: Location, part: str, **kwargs):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(out.path(part), filesystem=out.fs, **kwargs)
+    try:
+        return pq.read_table(out.path(part), filesystem=out.fs, **kwargs)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(
+            f"{out.uri_of(part)} is not a readable Parquet file ({exc}); rerun the generate command to redo it"
+        ) from exc
 
 
-def find_row(out: Location, job: dict, item_id: str, sample_index: int) -> dict:
-    value = int(item_id) if job["id_type"] == "int" else str(item_id)
-    for part in _parts(out):
+def _id_value(job: JobSpec, item_id: str):
+    if job.id_type != "int":
+        return str(item_id)
+    try:
+        return int(item_id)
+    except ValueError:
+        raise UserError(
+            f"--id {item_id!r}: this job's ids are integers (column {job.identity.columns.id!r}); pass an integer"
+        ) from None
+
+
+def find_row(out: Location, job: JobSpec, item_id: str, sample_index: int) -> dict:
+    value = _id_value(job, item_id)
+    parts = check_parts(out, job)
+    for part in parts.good:
         t = _read(out, part, filters=[("id", "=", value), ("sample_index", "=", sample_index)])
         if t.num_rows:
             return t.to_pylist()[0]
-    raise UserError(f"no row with id {item_id!r} and sample_index {sample_index} in {out}")
+    damaged = f" ({len(parts.damaged)} damaged part file(s) not searched: rerun generate)" if parts.damaged else ""
+    raise UserError(f"no row with id {item_id!r} and sample_index {sample_index} in {out}{damaged}")
 
 
-def replay_row(
-    output: str | Path, item_id: str, sample_index: int = 0, model: str | None = None, threads: int | None = None
-):
+def replay_row(output: str | Path, item_id: str, sample_index: int = 0, model: str | None = None):
     """Regenerate one row alone; returns (stored row, new result or None for error rows, match)."""
     out = Location(output)
     job = load_job(output)
     row = find_row(out, job, item_id, sample_index)
     if row["finish_reason"] == "error":
         return row, None, True
-    res = regenerate(job_engine(job, model, threads), job, [row])[0]
+    res = regenerate(job_engine(job, model), job, [row])[0]
     return row, res, same(row, res)
 
 
-def verify_output(
-    output: str | Path, sample: int = 100, seed: int = 0, model: str | None = None, threads: int | None = None
-) -> dict:
-    """Check exactly-once over all rows, then re-generate `sample` random rows and compare them byte for byte."""
+def run_replay_row(cfg) -> int:
+    """`replay --output OUT --id X`: print the row's regenerated text (or JSON) and whether it matches the stored
+    row byte for byte; exit 1 on a mismatch. `cfg` is a `generation.options.ReplayConfig`."""
+    import dataclasses
+    import json
+
+    row, res, match = replay_row(cfg.output, cfg.id, cfg.sample_index, cfg.engine.model or None)
+    if res is None:
+        print(f"row {cfg.id!r} sample {cfg.sample_index} is an error row: {row['error']}")
+        return 0
+    if cfg.json:
+        replayed = dataclasses.asdict(res)
+        print(json.dumps({"stored": row, "replayed": replayed, "match": match}, ensure_ascii=False, default=str))
+    else:
+        print(res.text)
+        print(f"-- {'MATCH: byte-identical to' if match else 'MISMATCH with'} the stored row", flush=True)
+    return 0 if match else 1
+
+
+def verify_output(output: str | Path, sample: int = 100, seed: int = 0, model: str | None = None) -> dict:
+    """Check every part file against its record, exactly-once over all rows, then re-generate `sample` random rows
+    and compare them byte for byte."""
     out = Location(output)
     job = load_job(output)
-    parts = _parts(out)
+    parts = check_parts(out, job)
     keys: set = set()
     dupes = total = 0
     counts = []
-    for p in parts:
+    for p in parts.good:
         t = _read(out, p, columns=["id", "sample_index", "finish_reason"])
         counts.append(t.num_rows)
         for i, k in zip(t.column("id").to_pylist(), t.column("sample_index").to_pylist(), strict=True):
@@ -107,11 +162,11 @@ def verify_output(
             if (i, k) in keys:
                 dupes += 1
             keys.add((i, k))
-    expected = sum(r for _, r in job["identity"]["inputs"]) * job["identity"]["sampling"]["num_return_sequences"]
+    expected = sum(r for _, r in job.identity.inputs) * job.identity.sampling["num_return_sequences"]
     # Sample among non-error rows (error rows carry no generated text to compare).
     rng = random.Random(seed)
     candidates = []
-    for p, n in zip(parts, counts, strict=True):
+    for p, n in zip(parts.good, counts, strict=True):
         candidates.extend((p, i) for i in range(n))
     rng.shuffle(candidates)
     chosen, by_part = [], {}
@@ -125,17 +180,19 @@ def verify_output(
             chosen.append(row)
     mismatches = []
     if chosen:
-        results = regenerate(job_engine(job, model, threads), job, chosen)
+        results = regenerate(job_engine(job, model), job, chosen)
         mismatches = [r["id"] for r, res in zip(chosen, results, strict=True) if not same(r, res)]
     return {
         "rows": total,
         "expected_rows": expected,
         "duplicates": dupes,
         "missing": max(0, expected - len(keys)),
+        "damaged_files": len(parts.damaged),
         "checked": len(chosen),
         "mismatches": len(mismatches),
         "mismatch_rate": len(mismatches) / len(chosen) if chosen else 0.0,
         "mismatched_ids": mismatches[:20],
+        "damaged": parts.damaged,
     }
 
 
@@ -147,20 +204,25 @@ class VerifyConfig:
     sample: int = field(default=100, metadata={"help": "rows to re-generate, >= 1"})
     seed: int = field(default=0, metadata={"help": "which rows are sampled"})
     model: str | None = field(default=None, metadata={"help": "the job's model, if it moved"})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads, >= 1"})
 
     def __post_init__(self):
         check(bool(self.output), "output", "is required")
         check_range("sample", self.sample, 1)
+        if self.threads is not None:
+            check_range("threads", self.threads, 1)
 
 
 def run_verify(cfg: VerifyConfig) -> int:
-    from ..models.info import print_table
+    """`verify`: print the report; exit 1 on a mismatch, a duplicate, a missing row or a damaged file."""
+    from ..console import print_table
 
-    report = verify_output(cfg.output, cfg.sample, cfg.seed, cfg.model, cfg.threads)
-    print_table({k: v for k, v in report.items() if k != "mismatched_ids"}, title="verify")
-    ok = report["mismatches"] == 0 and report["duplicates"] == 0 and report["missing"] == 0
+    report = verify_output(cfg.output, cfg.sample, cfg.seed, cfg.model)
+    print_table({k: v for k, v in report.items() if k not in ("mismatched_ids", "damaged")}, title="verify")
+    ok = not (report["mismatches"] or report["duplicates"] or report["missing"] or report["damaged_files"])
     if report["mismatched_ids"]:
         print(f"mismatched ids: {report['mismatched_ids']}")
+    for name, what in report["damaged"].items():
+        print(f"damaged: {name} {what}; rerun the generate command to redo it")
     print("OK: every sampled row matches byte for byte" if ok else "FAILED")
     return 0 if ok else 1

@@ -19,12 +19,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
+import zlib
 from collections.abc import Iterable
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UserError
+from ..storage import atomic_write
 
 FORMAT = "aitextgen-batch/token-cache"
 SHARD_FORMAT = "aitextgen-batch/token-shard"
@@ -45,20 +45,6 @@ def dtype_for_vocab(vocab_size: int) -> str:
 
 def shard_name(i: int, compress: bool) -> str:
     return f"shard-{i:05d}.msgpack" + (".gz" if compress else "")
-
-
-@contextmanager
-def atomic_write(path: Path):
-    """Open a temporary sibling of `path` for binary writing; it replaces `path` only if the block succeeds."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class _HashingWriter:
@@ -203,8 +189,8 @@ def read_shard(folder: Path, entry: dict, dtype: str, verify: bool = True):
         if path.name.endswith(".gz"):
             data = gzip.decompress(data)
         shard = msgpack.unpackb(data, raw=False)
-    except Exception as exc:  # gzip, zlib and msgpack each raise their own types
-        raise UserError(f"{where} cannot be decoded ({type(exc).__name__}: {exc}); {REBUILD}") from None
+    except (OSError, EOFError, zlib.error, ValueError, msgpack.UnpackException) as exc:  # gzip, zlib, msgpack
+        raise UserError(f"{where} cannot be decoded ({type(exc).__name__}: {exc}); {REBUILD}") from exc
     if not isinstance(shard, dict) or shard.get("format") != SHARD_FORMAT or shard.get("dtype") != dtype:
         raise UserError(f"{where} is not a {dtype} token shard of this cache; {REBUILD}")
     tokens = np.frombuffer(shard["tokens"], dtype=np.dtype(dtype).newbyteorder("<"))

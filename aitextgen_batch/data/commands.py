@@ -91,7 +91,7 @@ def run_cache_info(path: str | Path) -> int:
     Returns:
         0 when every shard is present and intact; 1 (after naming each bad shard on stderr) otherwise.
     """
-    from ..models.info import print_table
+    from ..console import print_table
     from ..storage import local_copy
 
     path = local_copy(str(path), "token-cache")  # an object-store cache is checked on a local copy

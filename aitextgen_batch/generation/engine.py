@@ -30,7 +30,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from ..models.context import context_length
 from .params import SamplingParams
+from .prompts import length_error, prompt_error, room_error
 from .seeds import derive_seed, sample_seed, stream_key
 from .stops import StopMatcher
 
@@ -146,9 +148,7 @@ class Engine:
         self._folder = folder
         self._fingerprint: str | None = None
         cfg = model.config
-        self.context_length = int(
-            getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
-        )
+        self.context_length = context_length(cfg)
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cfg.eos_token_id
         self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
@@ -178,7 +178,6 @@ class Engine:
         slots: int | None = None,
         prefill_rows: int | None = None,
         refill: bool = True,
-        threads: int | None = None,
         tokenizer=None,
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
@@ -188,18 +187,15 @@ class Engine:
         Args:
             source: model folder, cached hub id, or preset (with `tokenizer`).
             device: default CUDA when available, else CPU.
-            dtype: default fp32 on CPU, bf16/fp16 on GPU.
+            dtype: default `models.loading.default_dtype_name(device)`: fp32 on CPU, bf16 on CUDA.
             slots: rows per decode step (fixed shape). Part of the numerics: keep it to replay rows.
             prefill_rows: rows per prefill (fixed shape). Part of the numerics too.
             refill: refill finished slots at once (speed only; never changes any text).
-            threads: torch CPU threads (results do not depend on it; speed does).
-        """
-        import torch
 
+        torch's CPU thread count is process-wide: set it in the entry point (results never depend on it).
+        """
         from ..models.loading import load_model, resolve_source
 
-        if threads:
-            torch.set_num_threads(int(threads))
         model, tok = load_model(
             source,
             device=device,
@@ -231,11 +227,13 @@ class Engine:
 
     def describe(self) -> dict:
         """What determines this engine's numerics, for manifests and replay."""
+        from ..models.loading import dtype_name
+
         return {
             "source": self.source,
             "fingerprint": self.fingerprint,
             "device": self.device.type,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.dtype),
             "slots": self.slots,
             "prefill_rows": self.prefill_rows,
             "numerics": NUMERICS_VERSION,
@@ -245,42 +243,20 @@ class Engine:
 
     def _encode(self, prompts: Sequence, params: Sequence[SamplingParams]) -> list[tuple[list[int] | None, str | None]]:
         """Each prompt's token ids (with its params' prefix, bos and truncation), or the row's error."""
-        texts, bad = [], {}
-        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-            if not isinstance(prompt, str):
-                bad[i] = f"prompt must be a string, got {type(prompt).__name__}"
-                texts.append("")
-            else:
-                texts.append(p.prefix + prompt)
+        bad = {i: err for i, p in enumerate(prompts) if (err := prompt_error(p, allow_empty=True)) is not None}
+        texts = [
+            "" if i in bad else p.prefix + prompt for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))
+        ]
         enc = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         out = []
         for i, (ids, p) in enumerate(zip(enc, params, strict=True)):
-            if i in bad:
-                out.append((None, bad[i]))
-                continue
             ids = list(ids)
             if p.prepend_bos or not ids:
                 ids = [self.bos_id] + ids
-            limit = self.context_length - p.max_new_tokens
-            if limit < 1:
-                out.append(
-                    (
-                        None,
-                        f"max_new_tokens={p.max_new_tokens} leaves no room for a prompt in the "
-                        f"model's context of {self.context_length} tokens; lower --max-new-tokens",
-                    )
-                )
-            elif len(ids) > limit and p.truncate != "left":
-                out.append(
-                    (
-                        None,
-                        f"prompt has {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} "
-                        f"it exceeds the model's context of {self.context_length}: shorten it, lower "
-                        "--max-new-tokens, or pass --truncate left",
-                    )
-                )
-            else:
-                out.append((ids[-limit:], None))
+            err = bad.get(i) or room_error(p.max_new_tokens, self.context_length)
+            if err is None and p.truncate != "left":
+                err = length_error(len(ids), p.max_new_tokens, self.context_length)
+            out.append((None, err) if err else (ids[-(self.context_length - p.max_new_tokens) :], None))
         return out
 
     # ---------------------------------------------------------------- generation

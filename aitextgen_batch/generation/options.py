@@ -33,6 +33,8 @@ class EngineConfig:
     allow_pickle: bool = field(default=False, metadata={"help": "accept pytorch_model.bin (pickle) weights"})
 
     def __post_init__(self):
+        from ..models.loading import DTYPE_NAMES
+
         if self.slots is not None:
             check_range("slots", self.slots, 2)
         if self.prefill_rows is not None:
@@ -40,11 +42,11 @@ class EngineConfig:
         if self.threads is not None:
             check_range("threads", self.threads, 1)
         if self.dtype is not None:
-            allowed = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
-            check(self.dtype in allowed, "dtype", f"must be one of {', '.join(allowed)}", self.dtype)
+            check(self.dtype in DTYPE_NAMES, "dtype", f"must be one of {', '.join(DTYPE_NAMES)}", self.dtype)
 
     def build(self):
-        """Load the engine these options describe."""
+        """Load the engine these options describe. `threads` is not applied here: torch's thread count is
+        process-wide, so entry points (the CLI, a Ray actor) set it."""
         from .engine import Engine
 
         return Engine.from_pretrained(
@@ -54,7 +56,6 @@ class EngineConfig:
             slots=self.slots,
             prefill_rows=self.prefill_rows,
             refill=self.refill,
-            threads=self.threads,
             tokenizer=self.tokenizer,
             trust_remote_code=self.trust_remote_code,
             allow_pickle=self.allow_pickle,
@@ -84,31 +85,15 @@ class ReplayConfig:
 
 
 def run_replay(cfg: ReplayConfig) -> int:
-    """Print the item's text (or JSON); from a job row, also whether it matches; exit 1 on error or mismatch."""
+    """Print the item of `--prompt`/`--seed` (text, or JSON); exit 1 on a row error.
+
+    Replaying a row of a job's output (`--output OUT --id X`) is the job layer's: `batch.verify.run_replay_row`.
+    """
     import dataclasses
     import json
 
     from .seeds import sample_seed
 
-    if cfg.output is not None:
-        from ..batch.verify import replay_row
-
-        row, res, match = replay_row(cfg.output, cfg.id, cfg.sample_index, cfg.engine.model or None, cfg.engine.threads)
-        if res is None:
-            print(f"row {cfg.id!r} sample {cfg.sample_index} is an error row: {row['error']}")
-            return 0
-        if cfg.json:
-            print(
-                json.dumps(
-                    {"stored": row, "replayed": dataclasses.asdict(res), "match": match},
-                    ensure_ascii=False,
-                    default=str,
-                )
-            )
-        else:
-            print(res.text)
-            print(f"-- {'MATCH: byte-identical to' if match else 'MISMATCH with'} the stored row", flush=True)
-        return 0 if match else 1
     engine = cfg.engine.build()
     params = dataclasses.replace(cfg.sampling, num_return_sequences=1)
     result = engine.generate([cfg.prompt], [sample_seed(cfg.seed, cfg.sample_index)], params, batch_size=1)[0]

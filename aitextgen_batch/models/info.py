@@ -20,6 +20,7 @@ class InfoConfig:
 
 def model_info(source: str, tokenizer=None, trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
     """Load `source` on CPU and describe it: kind, architecture, size, vocabulary and fingerprint."""
+    from .context import context_length
     from .fingerprint import model_fingerprint
     from .loading import load_model, resolve_source
 
@@ -37,22 +38,9 @@ def model_info(source: str, tokenizer=None, trust_remote_code: bool = False, all
         "parameters": sum(p.numel() for p in model.parameters()),
         "layers": getattr(cfg, "num_hidden_layers", None),
         "hidden_size": getattr(cfg, "hidden_size", None),
-        "context_length": getattr(cfg, "max_position_embeddings", None),
+        "context_length": context_length(cfg),
         "vocab_size": cfg.vocab_size,
         "tokenizer_size": len(tok),
         "bos/eos/pad": f"{tok.bos_token_id}/{tok.eos_token_id}/{tok.pad_token_id}",
         "fingerprint": model_fingerprint(model, tok, resolved.folder),
     }
-
-
-def print_table(rows: dict, title: str | None = None) -> None:
-    """Print key/value rows as a two-column table."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for k, v in rows.items():
-        table.add_row(str(k), f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
-    Console().print(table)

@@ -29,7 +29,7 @@ class LoadedModel:
 
 
 def quiet_transformers() -> None:
-    """Silence transformers' per-load progress bars and advisory warnings; our own progress is shown instead."""
+    """Silence transformers' per-load progress bars and advisory warnings (process-wide: for entry points only)."""
     from transformers.utils import logging
 
     logging.set_verbosity_error()
@@ -43,33 +43,77 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_dtype(device: str):
-    """fp32 on CPU (exact and batch-invariant); bf16 on GPUs that support it, else fp16."""
-    import torch
+# The accepted dtype names (flags, configs, the Python API) and the canonical name each one means.
+DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
 
-    if str(device).startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+
+def dtype_name(dtype) -> str:
+    """The canonical name (`float32`, `float16`, `bfloat16`) of a dtype name or torch dtype.
+
+    Raises:
+        UserError: not one of `DTYPE_NAMES` (the message lists them).
+    """
+    text = str(dtype).removeprefix("torch.")
+    if text not in DTYPE_NAMES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[text]
+
+
+def default_dtype_name(device: str) -> str:
+    """The one default dtype rule: `float32` on CPU (exact and batch-invariant), `bfloat16` on CUDA.
+
+    The same on every machine, so a job's driver (which may have no GPU) records the dtype its GPU actors use.
+    """
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+def default_dtype(device: str):
+    """The torch dtype of `default_dtype_name(device)`."""
+    return resolve_dtype(default_dtype_name(device))
 
 
 def resolve_dtype(dtype):
-    """Accept a torch dtype or a name (`float32`, `fp32`, `bf16`, `float16`, ...)."""
+    """A torch dtype from a torch dtype or any name in `DTYPE_NAMES` (None stays None)."""
     import torch
 
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "half": torch.float16,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-    }
-    if str(dtype) not in names:
-        raise UserError(f"unknown dtype {dtype!r}; use one of: {', '.join(names)}")
-    return names[str(dtype)]
+    return getattr(torch, dtype_name(dtype))
+
+
+def _check_device_dtype(device: str, dtype) -> None:
+    import torch
+
+    if str(device).startswith("cuda") and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UserError(
+            f"this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16, the default dtype on CUDA; "
+            "pass --dtype float16 (or dtype='float16')"
+        )
+
+
+def load_config(folder: str | Path, trust_remote_code: bool = False):
+    """A model folder's config (`config.json`); an unreadable or invalid one is a UserError naming the file."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(_load_error(folder, "config.json", exc)) from exc
+
+
+def _load_error(folder, what: str, exc: Exception) -> str:
+    if "trust_remote_code" in str(exc):
+        return f"{str(folder)!r} needs its own model code; pass --trust-remote-code if you trust it"
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{str(folder)!r}: cannot load its {what} ({first}); fix or re-save the model folder"
 
 
 def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
@@ -86,7 +130,10 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
         raise UserError(
             f"{str(folder)!r} holds no tokenizer (tokenizer.json); create one with `aitextgen-batch train-tokenizer`"
         )
-    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(_load_error(folder, "tokenizer", exc)) from exc
     return prepare_tokenizer(tok)
 
 
@@ -138,14 +185,14 @@ def _hub_snapshot(repo_id: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception as exc:  # any miss: not cached, bad id, no hub package
+    except (ImportError, OSError, ValueError) as exc:  # not cached (a LocalEntryNotFoundError), or not a valid id
         cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
         raise UserError(
             f"{repo_id!r} is not a local folder, a preset ({', '.join(PRESETS)}), or a hub id in the local "
             f"Hugging Face cache ({cache}). "
             "aitextgen-batch never downloads at run time: pre-download it on a machine with network "
             f"(`hf download {repo_id}`) and copy the cache, or pass a local model folder. ({type(exc).__name__})"
-        ) from None
+        ) from exc
 
 
 def resolve_source(source: str) -> LoadedModel:
@@ -196,12 +243,12 @@ def load_model(
         source: a local Hugging Face folder (config + safetensors + tokenizer), a hub id already in the
             local cache, or a preset name (`tiny`, `small`, `gpt2-124m`, ...) built from scratch.
         device: `cuda`, `cpu`, `cuda:1`...; default CUDA when available.
-        dtype: torch dtype or name; default fp32 on CPU, bf16/fp16 on GPU.
+        dtype: torch dtype or name (`DTYPE_NAMES`); default `default_dtype_name(device)`.
         tokenizer: tokenizer folder; required for presets, overrides the model folder's own otherwise.
         trust_remote_code: run model code shipped with the weights (off unless asked).
         allow_pickle: accept `pytorch_model.bin` weights (pickle) when no safetensors exist.
         attn_implementation: `eager`, `sdpa`, ... (the engine asks for `eager`: it is batch-invariant).
-        seed: weight-init seed for presets.
+        seed: weight-init seed for presets (torch's global random state is left as it was).
 
     Returns:
         (model, tokenizer), the model in eval mode on `device`.
@@ -209,11 +256,11 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM
 
-    quiet_transformers()
     resolved = resolve_source(source)
     source = resolved.source
     device = device or default_device()
     dtype = resolve_dtype(dtype) or default_dtype(device)
+    _check_device_dtype(device, dtype)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
 
     if resolved.kind == "preset":
@@ -224,8 +271,9 @@ def load_model(
             )
         tok = load_tokenizer(tokenizer)
         config = preset_config(source, tok)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, **extra)
+        with torch.random.fork_rng(devices=[]):  # seeds the init without reseeding the caller's global RNG
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, **extra)
     else:
         folder = resolved.folder
         _folder_weights(folder, allow_pickle)
@@ -240,11 +288,8 @@ def load_model(
                 use_safetensors=not allow_pickle or None,
                 **extra,
             )
-        except ValueError as exc:
-            if "trust_remote_code" in str(exc):
-                msg = f"{source!r} needs its own model code; pass --trust-remote-code if you trust it"
-                raise UserError(msg) from None
-            raise
+        except (OSError, ValueError) as exc:  # an invalid config.json, unreadable weights, remote code refused
+            raise UserError(_load_error(source, "config and weights", exc)) from exc
         _check_vocab(model, tok, source)
     model.to(device=device, dtype=dtype)
     model.eval()

@@ -2,33 +2,42 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 
-def fingerprint_source(source: str, tokenizer=None, trust_remote_code: bool = False) -> str:
-    """The fingerprint `model_fingerprint` gives, computed from the folder's files when there is one.
+@dataclass
+class SourceFacts:
+    """What a job's driver learns about its model without loading it (a preset is built on the CPU)."""
 
-    Hashing a folder streams its safetensors tensors one at a time, so the driver of a job never holds
-    the model; presets (no folder) are built on the CPU to hash.
+    fingerprint: str
+    context_length: int
+
+
+def inspect_source(
+    source: str, tokenizer=None, trust_remote_code: bool = False, allow_pickle: bool = False
+) -> SourceFacts:
+    """The fingerprint `model_fingerprint` gives and the context length, from the folder's files when there is one.
+
+    Hashing a folder streams its safetensors tensors one at a time, so the driver of a job never holds the model.
+    A folder with pickle weights only is loaded (to hash it) only when `allow_pickle` says the user trusts it;
+    otherwise `load_model` refuses it before any file is opened.
     """
-    from .fingerprint import combine, config_digest, tokenizer_fingerprint, weights_digest
-    from .loading import load_model, load_tokenizer, quiet_transformers, resolve_source
+    from .context import context_length
+    from .fingerprint import combine, config_digest, model_fingerprint, tokenizer_fingerprint, weights_digest
+    from .loading import load_config, load_model, load_tokenizer, resolve_source
 
-    quiet_transformers()
     resolved = resolve_source(source)
     folder = resolved.folder
     if folder is None or not list(Path(folder).glob("*.safetensors")):
-        from .fingerprint import model_fingerprint
-
         model, tok = load_model(
-            source, device="cpu", tokenizer=tokenizer, trust_remote_code=trust_remote_code, allow_pickle=True
+            source, device="cpu", tokenizer=tokenizer, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
         )
-        return model_fingerprint(model, tok, folder)
-    from transformers import AutoConfig
-
+        return SourceFacts(model_fingerprint(model, tok, folder), context_length(model.config))
     tok = load_tokenizer(tokenizer or folder, trust_remote_code=trust_remote_code)
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code, local_files_only=True)
-    return combine(weights_digest(None, folder), config_digest(config), tokenizer_fingerprint(tok))
+    config = load_config(folder, trust_remote_code)
+    fingerprint = combine(weights_digest(None, folder), config_digest(config), tokenizer_fingerprint(tok))
+    return SourceFacts(fingerprint, context_length(config))
 
 
 def package_versions() -> dict[str, str]:

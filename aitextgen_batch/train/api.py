@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -27,8 +28,10 @@ from ..errors import UserError
 from .config import FinetuneConfig
 from .state import saved_steps
 
+log = logging.getLogger("aitextgen_batch")
 FORMAT = "aitextgen-batch/finetune"
 RUN_NAME = "checkpoints"  # Ray Train's run folder inside OUTPUT: it holds the step folders
+DEFAULT_BLOCK = 1024  # the default --block-size: the model's context, at most this
 IDENTITY = (
     "source", "preset", "tokenizer_fingerprint", "dataset_sha256", "num_workers", "batch_size", "block_size",
     "gradient_accumulation", "seed", "learning_rate", "weight_decay", "adam_epsilon", "warmup_steps",
@@ -38,12 +41,9 @@ IDENTITY = (
 
 def _model(cfg: FinetuneConfig):
     """(source for the workers, tokenizer folder or None, tokenizer, model config) without loading weights."""
-    from transformers import AutoConfig
-
-    from ..models.loading import load_tokenizer, quiet_transformers, resolve_source
+    from ..models.loading import load_config, load_tokenizer, resolve_source
     from ..models.presets import preset_config
 
-    quiet_transformers()
     if cfg.preset is not None:
         tok = load_tokenizer(cfg.tokenizer)
         return cfg.preset, str(cfg.tokenizer.resolve()), tok, preset_config(cfg.preset, tok)
@@ -53,7 +53,7 @@ def _model(cfg: FinetuneConfig):
     folder = resolved.folder
     tok_dir = cfg.tokenizer or folder
     tok = load_tokenizer(tok_dir)
-    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    config = load_config(folder)
     source = str(Path(folder).resolve()) if resolved.kind == "folder" else cfg.model
     return source, str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else None, tok, config
 
@@ -66,12 +66,13 @@ def plan(cfg: FinetuneConfig) -> dict:
             the model or a worker's shards cannot hold, or an OUTPUT holding a different run.
     """
     from ..data import TokenDataset
+    from ..models.context import context_length
 
     source, tok_dir, tok, mconf = _model(cfg)
     ds = TokenDataset(cfg.dataset, tokenizer=tok, verify=False)  # names both fingerprints on a mismatch
     parts = ds.partition(cfg.num_workers)  # refuses fewer shards than workers
-    context = getattr(mconf, "max_position_embeddings", None) or getattr(mconf, "n_positions", None) or 1024
-    block = cfg.block_size or min(int(context), 1024)
+    context = context_length(mconf)
+    block = cfg.block_size or min(context, DEFAULT_BLOCK)
     check(block <= context, "block_size", f"must be <= {context}, the model's context length", block)
     if cfg.generate_every:
         msg = f"must be < {context}, the model's context length"
@@ -106,10 +107,18 @@ def _check_output(cfg: FinetuneConfig, p: dict) -> tuple[int, dict]:
     from ..models.provenance import package_versions
 
     out = Path(p["worker"]["output"])
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a folder; pass a new folder for the finetuned model")
     doc_path = out / "finetune.json"
-    old = json.loads(doc_path.read_text()) if doc_path.is_file() else None
+    try:
+        old = json.loads(doc_path.read_text()) if doc_path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{doc_path} is not valid JSON ({exc}); remove it, or use a new --output") from exc
     if old is None and out.is_dir() and any(out.iterdir()):
         raise UserError(f"--output {out} exists and holds something other than a finetune run; use a new folder")
+    saved = saved_steps(out / RUN_NAME)
+    if old is not None and not saved:
+        old = None  # a run that failed before its first save left nothing to resume: the corrected rerun starts anew
     if old is not None:
         diff = [
             f"{k}: {old['identity'].get(k)!r} -> {v!r}" for k, v in p["identity"].items() if old["identity"].get(k) != v
@@ -119,7 +128,6 @@ def _check_output(cfg: FinetuneConfig, p: dict) -> tuple[int, dict]:
                 f"--output {out} holds a finetune run made with other options ({'; '.join(diff)}); rerun with the "
                 "same options to resume it, or choose a new --output"
             )
-    saved = saved_steps(out / RUN_NAME)
     last = saved[-1][0] if saved else 0
     if last > cfg.max_steps:
         raise UserError(f"--output {out} is already trained to step {last}; pass --max-steps >= {last} to go on")
@@ -129,10 +137,9 @@ def _check_output(cfg: FinetuneConfig, p: dict) -> tuple[int, dict]:
 
 
 def _record(out: Path, doc: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".finetune.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    tmp.replace(out / "finetune.json")
+    from ..storage import write_file_atomic
+
+    write_file_atomic(out / "finetune.json", json.dumps(doc, indent=1, default=str).encode())
 
 
 def _resources(cfg: FinetuneConfig) -> int:
@@ -155,15 +162,11 @@ def _resources(cfg: FinetuneConfig) -> int:
 def local_output(output) -> Path:
     """Where training writes: OUTPUT itself, or for an object-store URI a local staging folder (one per URI,
     kept so that a rerun on this machine resumes) whose model files are uploaded to the URI at the end."""
-    import hashlib
-    import os
-
-    from ..storage import is_uri
+    from ..storage import cache_root, is_uri
 
     if not is_uri(output):
         return Path(output).resolve()
-    root = Path(os.environ.get("AITEXTGEN_BATCH_CACHE", Path.home() / ".cache" / "aitextgen-batch"))
-    return root / "finetune-staging" / hashlib.sha256(str(output).encode()).hexdigest()[:16]
+    return cache_root() / "finetune-staging" / hashlib.sha256(str(output).encode()).hexdigest()[:16]
 
 
 def _publish_remote(local: Path, uri: str) -> None:
@@ -207,7 +210,7 @@ def _finetune(cfg: FinetuneConfig) -> dict:
     Raises:
         UserError: bad options, model, cache or output, found before any worker starts.
     """
-    from ..batch.api import ensure_ray
+    from ..raycluster import connect_ray
 
     p = plan(cfg)
     t0 = time.time()
@@ -216,7 +219,7 @@ def _finetune(cfg: FinetuneConfig) -> dict:
     if last == cfg.max_steps:  # nothing left to train: (re)publish the last save
         _record(out, record)
         return _finish(cfg, out, saved_steps(out / RUN_NAME)[-1][1], t0, "complete", None, cfg.num_workers)
-    started = ensure_ray(cfg.address)
+    started = connect_ray(cfg.address)
     try:
         p["worker"]["threads"] = _resources(cfg)
         _record(out, record)
@@ -233,7 +236,7 @@ def _launch(cfg: FinetuneConfig, p: dict, out: Path, last: int, t0: float) -> di
 
     if not hasattr(ray.train, "CheckpointUploadMode"):  # saves are registered in place, a Ray Train V2 feature
         raise UserError("finetune needs Ray Train V2 (the default since Ray 2.50): unset RAY_TRAIN_V2_ENABLED=0")
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from .progress import FinetuneProgress
@@ -257,7 +260,8 @@ def _launch(cfg: FinetuneConfig, p: dict, out: Path, last: int, t0: float) -> di
     with FinetuneProgress(out, last, cfg.max_steps, quiet=cfg.quiet):
         try:
             result = trainer.fit()
-        except Exception as exc:  # Ray's TrainingFailedError after max_failures, with the worker's error inside
+        except TrainingFailedError as exc:  # after max_failures, with the workers' errors inside: reported as data
+            log.debug("finetune failed", exc_info=exc)
             result, error = None, f"{type(exc).__name__}: {exc}"
     if result is not None and result.error is not None:
         error = str(result.error)
@@ -321,7 +325,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def run_finetune(cfg: FinetuneConfig) -> int:
     """CLI handler: run `finetune`, print the summary table; exit code 0 when complete, else 1."""
-    from ..models.info import print_table
+    from ..console import print_table
 
     summary = finetune(cfg)
     error = summary.pop("error", None)

@@ -8,13 +8,15 @@ Rank 0 writes files; every rank takes part in the loss all-reduce and in each re
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from collections import deque
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
+
+from .flavor import pl
 
 COLUMNS = ("step", "loss", "step_loss", "learning_rate", "tokens", "tokens_per_second", "seconds")
 
@@ -26,22 +28,21 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 def truncate_logs(output: Path, step: int) -> None:
     """Drop rows after `step` from metrics.csv and samples.jsonl: a resumed run redoes those steps."""
+    from ..storage import write_file_atomic
+
     metrics = output / "metrics.csv"
     if metrics.is_file():
         with open(metrics, newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        tmp = metrics.with_name(".metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(metrics)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_file_atomic(metrics, text.getvalue().encode())
     samples = output / "samples.jsonl"
     if samples.is_file():
         lines = [ln for ln in samples.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        tmp = samples.with_name(".samples.jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in lines))
-        tmp.replace(samples)
+        write_file_atomic(samples, "".join(ln + "\n" for ln in lines).encode())
 
 
 class _EveryStep(pl.Callback):

@@ -65,7 +65,9 @@ class FinetuneConfig:
     max_failures: int = field(
         default=2, metadata={"help": "worker failures to recover from (resuming at the last save), -1 = no limit"}
     )
-    address: str | None = field(default=None, metadata={"help": "Ray cluster address; default: start a local Ray"})
+    address: str | None = field(
+        default=None, metadata={"help": "Ray cluster address; default: $RAY_ADDRESS, else start a local Ray"}
+    )
     quiet: bool = field(default=False, metadata={"help": "log lines instead of a live progress bar"})
 
     def __post_init__(self):

@@ -6,11 +6,11 @@ resumed at step s starts at batch `s * gradient_accumulation` and sees exactly t
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..data import TokenDataset
+from .flavor import pl
 
 
 class BatchStream(IterableDataset):

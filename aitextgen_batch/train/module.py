@@ -6,11 +6,11 @@ freezing. Clipping, accumulation and precision are the Lightning Trainer's (`wor
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 
 from ..errors import UserError
 from ..generation.seeds import derive_seed
+from .flavor import pl
 
 
 def linear_schedule(warmup_steps: int, max_steps: int):

@@ -66,9 +66,9 @@ def write_png(path: Path, img) -> None:
     raw = b"".join(b"\x00" + img[r].tobytes() for r in range(h))
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
     png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(png)
-    tmp.replace(path)
+    from ..storage import write_file_atomic
+
+    write_file_atomic(path, png)
 
 
 def plot_loss(metrics_csv: Path, png: Path, width: int = 720, height: int = 420) -> bool:

@@ -21,8 +21,8 @@ PRECISION = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"
 def _quiet() -> None:
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="pytorch_lightning")
-    warnings.filterwarnings("ignore", module="lightning_fabric")
+    for module in ("pytorch_lightning", "lightning_fabric", "lightning"):  # either flavor (see flavor.py)
+        warnings.filterwarnings("ignore", module=module)
     from ..models.loading import quiet_transformers
 
     quiet_transformers()
@@ -32,10 +32,10 @@ def _resume_dir(output: Path):
     """A context manager giving the step folder to resume from, or None."""
     import ray.train
 
-    from .state import saved_steps
+    from .state import saved_steps, step_problem
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    if ckpt is not None and step_problem(Path(ckpt.path)) is None:  # a damaged save is never resumed from
         return ckpt.as_directory()
     saved = saved_steps(output / "checkpoints")
     return nullcontext(str(saved[-1][1]) if saved else None)
@@ -56,7 +56,6 @@ def _report(step: int, folder: Path | None, metrics: dict) -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point; `config` is the resolved plan from `api.py` (plain JSON data)."""
-    import pytorch_lightning as pl
     import ray.train
     import torch
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
@@ -64,6 +63,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ..models.loading import load_model
     from .callbacks import Checkpointer, MetricsLog, SampleWriter, append_jsonl, truncate_logs
     from .datamodule import TokenDataModule
+    from .flavor import pl
     from .module import CausalLMModule, freeze
     from .state import read_state
 
