@@ -146,13 +146,15 @@ def _resources(cfg: GenerateConfig) -> Resources:
 
 
 def _numerics(cfg: GenerateConfig, device: str) -> Numerics:
-    """What fixes the engine's arithmetic: device kind, dtype and slots (all recorded in the manifest)."""
-    from ..generation.engine import DEFAULT_SLOTS
+    """What fixes the engine's arithmetic: device kind, dtype, slots and prefill rows (recorded in the manifest)."""
+    from ..generation.engine import DEFAULT_SLOTS, NUMERICS_VERSION, default_prefill_rows
     from ..models.loading import default_dtype_name, dtype_name
 
     e = cfg.engine
     dtype = dtype_name(e.dtype) if e.dtype else default_dtype_name(device)
-    return Numerics(device=device, dtype=dtype, slots=e.slots or DEFAULT_SLOTS[device])
+    slots = e.slots or DEFAULT_SLOTS[device]
+    prefill = e.prefill_rows or default_prefill_rows(slots)
+    return Numerics(device=device, dtype=dtype, slots=slots, prefill_rows=prefill, version=NUMERICS_VERSION)
 
 
 def _model_spec(cfg: GenerateConfig) -> ModelSpec:
@@ -226,13 +228,26 @@ def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> 
 
 
 def engine_options(model: ModelSpec, numerics: Numerics) -> dict:
-    """EngineConfig fields that rebuild a job's engine exactly: same model, device kind, dtype and slots."""
+    """EngineConfig fields that rebuild a job's engine exactly: same model, device kind, dtype and shapes.
+
+    Raises:
+        UserError: the job was made by another version of the engine's arithmetic (it cannot be replayed exactly).
+    """
+    from ..generation.engine import NUMERICS_VERSION
+
+    if numerics.version != NUMERICS_VERSION:
+        raise UserError(
+            f"this job was made by version {numerics.version} of the engine's arithmetic; this aitextgen-batch "
+            f"computes version {NUMERICS_VERSION} and cannot reproduce its rows byte for byte. Use the release that "
+            "made it to replay or resume it, or rerun it here into a new --output (or with --overwrite)"
+        )
     return {
         "model": model.source,
         "tokenizer": model.tokenizer,
         "device": numerics.device,
         "dtype": numerics.dtype,
         "slots": numerics.slots,
+        "prefill_rows": numerics.prefill_rows,
         "trust_remote_code": model.trust_remote_code,
         "allow_pickle": model.allow_pickle,
     }
@@ -292,7 +307,7 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
     try:
         if pending:
             n = min(res.num_actors, len(pending))
-            options = engine_options(job.model, job.identity.engine)
+            options = {**engine_options(job.model, job.identity.engine), "refill": cfg.engine.refill}
             actors = start_actors(options, n, res.cpus_per_actor, res.gpus_per_actor, res.threads)
 
         def done(rec: DoneRecord) -> None:

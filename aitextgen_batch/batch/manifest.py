@@ -43,11 +43,17 @@ class ModelSpec:
 
 @dataclass
 class Numerics:
-    """What fixes the engine's arithmetic: device kind, dtype (canonical name) and slots."""
+    """What fixes the engine's arithmetic: device kind, dtype (canonical name), the fixed shapes (decode slots and
+    prefill rows) and the version of the engine's arithmetic (`generation.engine.NUMERICS_VERSION`).
+
+    Jobs written before version 2 recorded neither prefill rows nor a version: they read as version 1.
+    """
 
     device: str
     dtype: str
     slots: int
+    prefill_rows: int = 0
+    version: int = 1
 
 
 @dataclass
