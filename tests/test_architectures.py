@@ -77,7 +77,7 @@ def test_architecture_is_exact_and_invariant(model_type, tok):
     model = build(model_type, tok)
     engine = Engine(model, tok, slots=6, prefill_rows=2)
     rng = random.Random(1)
-    prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))) for _ in range(14)]
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))) for _ in range(10)]
     seeds = [derive_seed(3, i) for i in range(len(prompts))]
 
     greedy = engine.generate(prompts, seeds, SamplingParams(max_new_tokens=12, temperature=0, nonempty_output=False))
@@ -86,15 +86,15 @@ def test_architecture_is_exact_and_invariant(model_type, tok):
         assert r.token_ids == argmax_reference(model, ids, 12, engine.eos_id), prompt
 
     params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, stop=["fox"])
-    ref = texts(engine.generate(prompts, seeds, params, batch_size=14))
-    assert len(set(ref)) > 7  # really sampled
+    ref = texts(engine.generate(prompts, seeds, params, batch_size=10))
+    assert len(set(ref)) > 5  # really sampled
     order = list(range(len(prompts)))
     rng.shuffle(order)
-    shuffled = engine.generate([prompts[i] for i in order], [seeds[i] for i in order], params, batch_size=5)
+    shuffled = engine.generate([prompts[i] for i in order], [seeds[i] for i in order], params, batch_size=4)
     assert texts(shuffled) == [ref[i] for i in order]
     engine.refill = False
-    assert texts(engine.generate(prompts, seeds, params, batch_size=14)) == ref
-    for i in (0, 9):
+    assert texts(engine.generate(prompts, seeds, params, batch_size=10)) == ref
+    for i in (0, 7):
         assert texts(engine.generate([prompts[i]], [seeds[i]], params, batch_size=1)) == [ref[i]]
 
 
