@@ -184,8 +184,9 @@ def main() -> None:
     import torch
 
     from aitextgen_batch.generation import Engine
-    from aitextgen_batch.models.loading import DEFAULT_MODEL
+    from aitextgen_batch.models.loading import DEFAULT_MODEL, quiet_transformers
 
+    quiet_transformers()
     torch.set_num_threads(args.threads)
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     fixed = dict(
