@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from ..errors import UserError
 from ..storage import Location
 from . import manifest as mf
 from .manifest import JobSpec
+from .shard import LOGPROB_FIELDS, PARAMS_FIELD, TOKEN_FIELDS, logprob_values
 
 
 def load_job(output: str | Path) -> JobSpec:
@@ -42,20 +44,34 @@ def job_engine(job: JobSpec, model: str | None = None):
     return engine
 
 
-def regenerate(engine, job: JobSpec, rows: list[dict]):
-    """Re-generate result rows from their stored prompt and seed (each seed is that sample's own)."""
+def row_params(job: JobSpec, row: dict):
+    """The params one stored sample was made with: its row's `params` column (per-row params), else the job's."""
     from ..generation.params import SamplingParams
 
-    params = SamplingParams(**{**job.identity.sampling, "num_return_sequences": 1})
+    values = json.loads(row[PARAMS_FIELD]) if row.get(PARAMS_FIELD) else job.identity.sampling
+    return SamplingParams(**{**values, "num_return_sequences": 1})
+
+
+def regenerate(engine, job: JobSpec, rows: list[dict]):
+    """Re-generate result rows from their stored prompt, seed (each seed is that sample's own) and params."""
+    params = [row_params(job, r) for r in rows]
     return engine.generate([r["prompt"] for r in rows], [r["seed"] for r in rows], params, batch_size=len(rows))
 
 
-def same(row: dict, res) -> bool:
-    return (
+def same(row: dict, res, eos_id: int) -> bool:
+    """The stored row and a re-generated result agree byte for byte: text, finish, token count, and the
+    log-probability columns the row has (token_logprobs as stored, in float32)."""
+    import numpy as np
+
+    if not (
         row["text"].encode() == res.text.encode()
         and row["finish_reason"] == res.finish_reason
         and row["num_generated_tokens"] == res.num_generated_tokens
-    )
+    ):
+        return False
+    got = logprob_values(res, eos_id)
+    got["token_logprobs"] = np.asarray(got["token_logprobs"], np.float32).tolist()
+    return all(row[name] == got[name] for name in LOGPROB_FIELDS + TOKEN_FIELDS if name in row)
 
 
 @dataclass
@@ -122,8 +138,9 @@ def replay_row(output: str | Path, item_id: str, sample_index: int = 0, model: s
     row = find_row(out, job, item_id, sample_index)
     if row["finish_reason"] == "error":
         return row, None, True
-    res = regenerate(job_engine(job, model), job, [row])[0]
-    return row, res, same(row, res)
+    engine = job_engine(job, model)
+    res = regenerate(engine, job, [row])[0]
+    return row, res, same(row, res, engine.eos_id)
 
 
 def run_replay_row(cfg) -> int:
@@ -147,22 +164,37 @@ def run_replay_row(cfg) -> int:
 
 def verify_output(output: str | Path, sample: int = 100, seed: int = 0, model: str | None = None) -> dict:
     """Check every part file against its record, exactly-once over all rows, then re-generate `sample` random rows
-    and compare them byte for byte."""
+    and compare them byte for byte.
+
+    Exactly-once: every (id, sample_index) once, and each id with samples 0..k-1, where k is its row's
+    num_return_sequences (its `params` column's, with per-row params; else the job's). An input row with no output
+    row at all counts the job's k as missing.
+    """
     out = Location(output)
     job = load_job(output)
     parts = check_parts(out, job)
     keys: set = set()
     dupes = total = 0
     counts = []
+    job_k = job.identity.sampling["num_return_sequences"]
+    per_row = job.identity.columns.params is not None
+    samples: dict = {}  # id -> its row's number of samples
+    k_of: dict = {None: job_k}  # params JSON -> num_return_sequences
     for p in parts.good:
-        t = _read(out, p, columns=["id", "sample_index", "finish_reason"])
+        t = _read(out, p, columns=["id", "sample_index"] + [PARAMS_FIELD] * per_row)
         counts.append(t.num_rows)
-        for i, k in zip(t.column("id").to_pylist(), t.column("sample_index").to_pylist(), strict=True):
+        params = t.column(PARAMS_FIELD).to_pylist() if per_row else [None] * t.num_rows
+        for i, k, pj in zip(t.column("id").to_pylist(), t.column("sample_index").to_pylist(), params, strict=True):
             total += 1
             if (i, k) in keys:
                 dupes += 1
             keys.add((i, k))
-    expected = sum(r for _, r in job.identity.inputs) * job.identity.sampling["num_return_sequences"]
+            if pj not in k_of:
+                k_of[pj] = json.loads(pj)["num_return_sequences"]
+            samples.setdefault(i, k_of[pj])
+    unexpected = sum(1 for i, k in keys if not 0 <= k < samples[i])
+    inputs = sum(r for _, r in job.identity.inputs)
+    expected = sum(samples.values()) + max(0, inputs - len(samples)) * job_k
     # Sample among non-error rows (error rows carry no generated text to compare).
     rng = random.Random(seed)
     candidates = []
@@ -180,13 +212,15 @@ def verify_output(output: str | Path, sample: int = 100, seed: int = 0, model: s
             chosen.append(row)
     mismatches = []
     if chosen:
-        results = regenerate(job_engine(job, model), job, chosen)
-        mismatches = [r["id"] for r, res in zip(chosen, results, strict=True) if not same(r, res)]
+        engine = job_engine(job, model)
+        results = regenerate(engine, job, chosen)
+        mismatches = [r["id"] for r, res in zip(chosen, results, strict=True) if not same(r, res, engine.eos_id)]
     return {
         "rows": total,
         "expected_rows": expected,
         "duplicates": dupes,
-        "missing": max(0, expected - len(keys)),
+        "missing": max(0, expected - (len(keys) - unexpected)),
+        "unexpected": unexpected,
         "damaged_files": len(parts.damaged),
         "checked": len(chosen),
         "mismatches": len(mismatches),
@@ -214,12 +248,13 @@ class VerifyConfig:
 
 
 def run_verify(cfg: VerifyConfig) -> int:
-    """`verify`: print the report; exit 1 on a mismatch, a duplicate, a missing row or a damaged file."""
+    """`verify`: print the report; exit 1 on a mismatch, a duplicate, a missing or unexpected row or a damaged file."""
     from ..console import print_table
 
     report = verify_output(cfg.output, cfg.sample, cfg.seed, cfg.model)
     print_table({k: v for k, v in report.items() if k not in ("mismatched_ids", "damaged")}, title="verify")
-    ok = not (report["mismatches"] or report["duplicates"] or report["missing"] or report["damaged_files"])
+    bad = ("mismatches", "duplicates", "missing", "unexpected", "damaged_files")
+    ok = not any(report[k] for k in bad)
     if report["mismatched_ids"]:
         print(f"mismatched ids: {report['mismatched_ids']}")
     for name, what in report["damaged"].items():
