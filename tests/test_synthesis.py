@@ -32,11 +32,13 @@ from aitextgen_batch.batch.shard import run_shard
 from aitextgen_batch.batch.verify import replay_row, verify_output
 from aitextgen_batch.config import build_config
 from aitextgen_batch.errors import UserError
+from aitextgen_batch.generation.params import SamplingParams
 from aitextgen_batch.storage import Location
 from tests.conftest import WORDS
 from tests.test_chat import TEMPLATE
 
-BASE = {"max_new_tokens": 6, "temperature": 1.0, "top_k": 0, "quiet": True}
+BASE_SAMPLING = {"max_new_tokens": 6, "temperature": 1.0, "top_k": 0}
+BASE = {**BASE_SAMPLING, "quiet": True}
 SYSTEM = "Be brief."
 # Per-row params, by row: None keeps the job's.
 VARIANTS = [
@@ -144,15 +146,18 @@ def synth(ray_local, tiny_model_dir, synth_input, template_file, tmp_path_factor
     return out
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    """The engine a CPU job of the tiny model uses (same model, dtype and shapes)."""
+def cpu_engine(model: str):
+    """The engine a CPU job of `model` runs (same model, dtype and shapes)."""
     from aitextgen_batch.batch.manifest import ModelSpec
     from aitextgen_batch.generation.options import EngineConfig
 
-    cfg = build_config(GenerateConfig, {"input": "x", "output": "y", "model": str(tiny_model_dir)})
-    model = ModelSpec(str(tiny_model_dir), None, False, False)
-    return EngineConfig(**engine_options(model, _numerics(cfg, "cpu"))).build()
+    cfg = build_config(GenerateConfig, {"input": "x", "output": "y", "model": model})
+    return EngineConfig(**engine_options(ModelSpec(model, None, False, False), _numerics(cfg, "cpu"))).build()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return cpu_engine(str(tiny_model_dir))
 
 
 def run_here(engine, **options) -> Path:
@@ -326,6 +331,32 @@ def test_same_rows_across_actor_counts_shards_and_batch_sizes(
         a.drop(columns=["token_ids", "token_logprobs"]), b.drop(columns=["token_ids", "token_logprobs"])
     )
     assert [list(x) for x in a.token_logprobs.dropna()] == [list(x) for x in b.token_logprobs.dropna()]
+
+
+def test_cpu_rows_replay_with_the_thread_count_that_made_them(tmp_path):
+    """On a CPU a matmul splits its sums by thread count: the default model's logprobs differ between 1 and 2
+    threads (its text did not). Each shard records its count, and replay and verify re-generate with it."""
+    import torch
+
+    engine = cpu_engine("")
+    inp = tmp_path / "p.jsonl"
+    write_jsonl(inp, [{"prompt": f"The {w} is"} for w in WORDS[:6]])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out = run_here(engine, input=str(inp), output=str(tmp_path / "out"), logprobs=True, model="")
+        torch.set_num_threads(2)
+        assert json.loads((out / "_done" / "00000.json").read_text())["threads"] == 1
+        report = verify_output(out, sample=6)
+        assert (report["checked"], report["mismatches"]) == (6, 0)
+        row, res, match = replay_row(out, "p.jsonl:2")
+        assert match and res.cumulative_logprob == row["cumulative_logprob"] and torch.get_num_threads() == 2
+        again = engine.generate(
+            [row["prompt"]], [row["seed"]], SamplingParams(**{**BASE_SAMPLING, "num_return_sequences": 1}), 1
+        )[0]
+        assert again.text == row["text"] and again.cumulative_logprob != row["cumulative_logprob"]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_chat_job_identity_changes_are_refused(synth, tiny_model_dir, synth_input, template_file, tmp_path):

@@ -136,6 +136,9 @@ class DoneRecord:
     bytes: int
     sha256: str
     first_error: str | None = None  # the first error row's message, for a job whose every row failed
+    # torch's CPU threads while the shard ran: a CPU matmul splits its sums by thread count, so the rows' logits (and
+    # log-probabilities) are reproduced exactly with this count (None: not recorded, by an older version)
+    threads: int | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

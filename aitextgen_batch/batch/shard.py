@@ -113,6 +113,7 @@ def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRe
     """Generate shard `shard_index` of `job` and record it as done; returns the completion record."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import torch
 
     t0 = time.perf_counter()
     out = Location(job.output)
@@ -214,6 +215,7 @@ def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRe
         bytes=len(blob),
         sha256=hashlib.sha256(blob).hexdigest(),
         first_error=first_error,
+        threads=torch.get_num_threads(),
     )
     write_done(out, record)
     return record

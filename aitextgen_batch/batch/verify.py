@@ -52,10 +52,32 @@ def row_params(job: JobSpec, row: dict):
     return SamplingParams(**{**values, "num_return_sequences": 1})
 
 
-def regenerate(engine, job: JobSpec, rows: list[dict]):
-    """Re-generate result rows from their stored prompt, seed (each seed is that sample's own) and params."""
-    params = [row_params(job, r) for r in rows]
-    return engine.generate([r["prompt"] for r in rows], [r["seed"] for r in rows], params, batch_size=len(rows))
+def regenerate(engine, job: JobSpec, rows: list[dict], threads: list[int | None] | None = None):
+    """Re-generate result rows from their stored prompt, seed (each seed is that sample's own) and params.
+
+    `threads`: per row, torch's CPU thread count its shard ran with (`DoneRecord.threads`). A CPU job's rows are
+    re-generated with that count, set for the call and restored after: a CPU matmul splits its sums by thread count,
+    so the logits, and the log-probabilities stored from them, are exact only with the count that made them.
+    """
+    import torch
+
+    if job.identity.engine.device != "cpu" or threads is None:
+        threads = [None] * len(rows)
+    results: list = [None] * len(rows)
+    for count in sorted(set(threads), key=str):
+        idx = [i for i, t in enumerate(threads) if t == count]
+        before = torch.get_num_threads()
+        try:
+            if count:
+                torch.set_num_threads(count)
+            sub = [rows[i] for i in idx]
+            params = [row_params(job, r) for r in sub]
+            got = engine.generate([r["prompt"] for r in sub], [r["seed"] for r in sub], params, batch_size=len(sub))
+        finally:
+            torch.set_num_threads(before)
+        for i, res in zip(idx, got, strict=True):
+            results[i] = res
+    return results
 
 
 def same(row: dict, res, eos_id: int) -> bool:
@@ -80,21 +102,24 @@ class PartCheck:
 
     good: list[str]
     damaged: dict[str, str]  # file -> what is wrong
+    records: dict[str, mf.DoneRecord] = field(default_factory=dict)  # good file -> its record
 
 
 def check_parts(out: Location, job: JobSpec) -> PartCheck:
     """Check every `part-*.parquet` against its shard's completion record before anything reads it."""
     sizes = out.sizes(recursive=True)
-    good, damaged = [], {}
+    good, damaged, records = [], {}, {}
     for name in sorted(n for n in sizes if n.startswith("part-") and n.endswith(".parquet")):
         shard = int(name[5:10]) if name[5:10].isdigit() else -1
-        if 0 <= shard < len(job.shards) and mf.done_record(out, shard, sizes) is not None:
+        record = mf.done_record(out, shard, sizes) if 0 <= shard < len(job.shards) else None
+        if record is not None:
             good.append(name)
+            records[name] = record
         elif mf.done_name(shard) not in sizes:
             damaged[name] = "has no completion record (an interrupted or foreign write)"
         else:
             damaged[name] = "differs from its completion record (size or sha256): truncated or changed after writing"
-    return PartCheck(good, damaged)
+    return PartCheck(good, damaged, records)
 
 
 def _read(out: Location, part: str, **kwargs):
@@ -120,13 +145,14 @@ def _id_value(job: JobSpec, item_id: str):
         ) from None
 
 
-def find_row(out: Location, job: JobSpec, item_id: str, sample_index: int) -> dict:
+def find_row(out: Location, job: JobSpec, item_id: str, sample_index: int) -> tuple[dict, mf.DoneRecord]:
+    """The stored row, and the completion record of its shard."""
     value = _id_value(job, item_id)
     parts = check_parts(out, job)
     for part in parts.good:
         t = _read(out, part, filters=[("id", "=", value), ("sample_index", "=", sample_index)])
         if t.num_rows:
-            return t.to_pylist()[0]
+            return t.to_pylist()[0], parts.records[part]
     damaged = f" ({len(parts.damaged)} damaged part file(s) not searched: rerun generate)" if parts.damaged else ""
     raise UserError(f"no row with id {item_id!r} and sample_index {sample_index} in {out}{damaged}")
 
@@ -135,11 +161,11 @@ def replay_row(output: str | Path, item_id: str, sample_index: int = 0, model: s
     """Regenerate one row alone; returns (stored row, new result or None for error rows, match)."""
     out = Location(output)
     job = load_job(output)
-    row = find_row(out, job, item_id, sample_index)
+    row, record = find_row(out, job, item_id, sample_index)
     if row["finish_reason"] == "error":
         return row, None, True
     engine = job_engine(job, model)
-    res = regenerate(engine, job, [row])[0]
+    res = regenerate(engine, job, [row], [record.threads])[0]
     return row, res, same(row, res, engine.eos_id)
 
 
@@ -201,7 +227,7 @@ def verify_output(output: str | Path, sample: int = 100, seed: int = 0, model: s
     for p, n in zip(parts.good, counts, strict=True):
         candidates.extend((p, i) for i in range(n))
     rng.shuffle(candidates)
-    chosen, by_part = [], {}
+    chosen, threads, by_part = [], [], {}
     for p, i in candidates:
         if len(chosen) >= sample:
             break
@@ -210,10 +236,11 @@ def verify_output(output: str | Path, sample: int = 100, seed: int = 0, model: s
         row = by_part[p][i]
         if row["finish_reason"] != "error":
             chosen.append(row)
+            threads.append(parts.records[p].threads)
     mismatches = []
     if chosen:
         engine = job_engine(job, model)
-        results = regenerate(engine, job, chosen)
+        results = regenerate(engine, job, chosen, threads)
         mismatches = [r["id"] for r, res in zip(chosen, results, strict=True) if not same(r, res, engine.eos_id)]
     return {
         "rows": total,
