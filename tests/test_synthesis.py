@@ -127,22 +127,25 @@ def synth_input(tmp_path_factory) -> Path:
     return write_parquet(tmp_path_factory.mktemp("synth-in") / "chats.parquet", synth_rows())
 
 
-@pytest.fixture(scope="module")
-def synth(ray_local, tiny_model_dir, synth_input, template_file, tmp_path_factory) -> Path:
-    """The Ray job with every feature: chat messages, a system prompt, per-row params, logprobs and tokens."""
-    out = tmp_path_factory.mktemp("synth") / "out"
+def run_synth(out: Path, model: Path, inp: Path, template_file: Path, **layout):
+    """The Ray job with every feature (chat messages, a system prompt, per-row params, logprobs and tokens)."""
     s = generate_dataset(
-        input=str(synth_input),
+        input=str(inp),
         output=str(out),
-        model=str(tiny_model_dir),
+        model=str(model),
         params_column="params",
-        num_actors=2,
-        shard_rows=16,
-        batch_size=16,
+        **layout,
         **chat_flags(template_file),
         **BASE,
     )
     assert s.status == "complete" and s.error_rows == len(BAD_ROWS)
+    return s
+
+
+@pytest.fixture(scope="module")
+def synth(ray_local, tiny_model_dir, synth_input, template_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "out"
+    run_synth(out, tiny_model_dir, synth_input, template_file, num_actors=2, shard_rows=16, batch_size=16)
     return out
 
 
@@ -314,18 +317,8 @@ def test_same_rows_across_actor_counts_shards_and_batch_sizes(
     synth, tiny_model_dir, synth_input, template_file, tmp_path
 ):
     out = tmp_path / "out"
-    s = generate_dataset(
-        input=str(synth_input),
-        output=str(out),
-        model=str(tiny_model_dir),
-        params_column="params",
-        num_actors=1,
-        shard_rows=20,
-        batch_size=3,
-        **chat_flags(template_file),
-        **BASE,
-    )
-    assert s.status == "complete" and s.shards == 2
+    s = run_synth(out, tiny_model_dir, synth_input, template_file, num_actors=1, shard_rows=20, batch_size=3)
+    assert s.shards == 2 and s.actors == 1
     a, b = read(synth), read(out)
     pd.testing.assert_frame_equal(
         a.drop(columns=["token_ids", "token_logprobs"]), b.drop(columns=["token_ids", "token_logprobs"])
