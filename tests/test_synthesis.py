@@ -30,6 +30,7 @@ from aitextgen_batch.batch.api import (
 from aitextgen_batch.batch.manifest import JobSpec
 from aitextgen_batch.batch.shard import run_shard
 from aitextgen_batch.batch.verify import replay_row, verify_output
+from aitextgen_batch.cli import main
 from aitextgen_batch.config import build_config
 from aitextgen_batch.errors import UserError
 from aitextgen_batch.generation.params import SamplingParams
@@ -277,6 +278,7 @@ def test_rows_replay_alone_and_verify_passes(synth):
     for item, k in [("row-000", 0), ("row-004", 1), ("row-007", 0)]:  # no params, a second sample, T=0.5/4 tokens
         row, res, match = replay_row(synth, item, k)
         assert match and res.text == row["text"] and res.cumulative_logprob == row["cumulative_logprob"]
+    assert main(["replay", "--output", str(synth), "--id", "row-005", "--sample-index", "1"]) == 0
     rows = GOOD_ROWS + len(BAD_ROWS) + sum(1 for i in range(GOOD_ROWS) if variant(i) is VARIANTS[2])
     report = verify_output(synth, sample=rows)
     assert (report["rows"], report["expected_rows"], report["checked"]) == (rows, rows, rows - len(BAD_ROWS))
@@ -407,30 +409,26 @@ def test_jsonl_input_gives_the_parquet_output(engine, template_file, tmp_path):
         ["chats.jsonl", 14]
     ]
     assert pq.read_table(a / "_inputs" / "00000.parquet").num_rows == 14
-    # --chat: the prompt key is one user message; ids derive from the file name and row
-    write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "the quick fox"}, {"prompt": "seven wizards"}, {"prompt": 7}])
+    # --chat: the prompt key is one user message; ids derive from the file name and row; JSON params with a field
+    # that is not a sampling field, or not an object, make error rows naming what is wrong
+    plain = tmp_path / "plain.jsonl"
+    chat = {"input": str(plain), "chat": True, "chat_template": str(template_file), "params_column": "params"}
+    write_jsonl(plain, [{"prompt": "the quick fox"}, {"prompt": "seven wizards"}, {"prompt": 7}])
     with pytest.raises(UserError, match=r"plain.jsonl line 3: 'prompt' \(--prompt-column\) must be a string, got 7"):
-        run_here(
-            engine,
-            input=str(tmp_path / "plain.jsonl"),
-            output=str(tmp_path / "c"),
-            chat=True,
-            chat_template=str(template_file),
-        )
+        run_here(engine, output=str(tmp_path / "c"), **chat)
     assert not (tmp_path / "c").exists()
-    write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "the quick fox"}, {"prompt": "seven wizards"}])
-    c = run_here(
-        engine,
-        input=str(tmp_path / "plain.jsonl"),
-        output=str(tmp_path / "c"),
-        chat=True,
-        chat_template=str(template_file),
-    )
+    lines = [{"prompt": "the quick fox", "params": {"temperature": 0.3}}, {"prompt": "seven wizards"}]
+    lines += [{"prompt": "a dog", "params": {"temprature": 0.3}}, {"prompt": "a dog", "params": "[1]"}]
+    write_jsonl(plain, lines)
+    c = run_here(engine, output=str(tmp_path / "c"), **chat)
     df = read(c)
-    assert list(df.index.get_level_values(0)) == ["plain.jsonl:0", "plain.jsonl:1"]
+    assert list(df.index.get_level_values(0)) == [f"plain.jsonl:{i}" for i in range(4)]
     assert df.prompt.iloc[1] == "<|user|>seven wizards\n<|assistant|>"
-    row, res, match = replay_row(c, "plain.jsonl:1")
-    assert match and res.text == row["text"]
+    assert list(df.finish_reason != "error") == [True, True, False, False]
+    assert df.error.iloc[2].startswith("--params-column 'params': unknown sampling field(s) 'temprature'; the fields")
+    assert df.error.iloc[3] == "--params-column 'params' must hold an object of sampling fields, got list"
+    row, res, match = replay_row(c, "plain.jsonl:0")
+    assert match and res.text == row["text"] and json.loads(row["params"])["temperature"] == 0.3
 
 
 def test_bad_jsonl_lines_are_named_before_anything_is_written(tiny_model_dir, tmp_path):
