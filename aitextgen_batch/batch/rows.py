@@ -92,9 +92,11 @@ def prepare_rows(job: JobSpec, table, origins: list[str], tokenizer) -> RowWork:
             else:
                 err = prompt_error(raw[r])
                 text, err = (None, err) if err else renderer.render_user(raw[r])
-            prompts[r] = text if err is None else None if chat.mode == "messages" else raw[r]
-            if err is not None:
+            if err is None:
+                prompts[r] = text
+            else:  # a bad --chat row keeps its prompt text in the output; a bad conversation has none
                 errors[r] = err
+                prompts[r] = raw[r] if chat.mode == "prompt" else None
     for r in range(n):
         if r not in errors and (err := prompt_error(prompts[r])) is not None:
             errors[r] = err
