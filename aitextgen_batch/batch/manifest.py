@@ -1,5 +1,6 @@
 """The job folder and its records: `_job.json` (a `JobSpec`), `_done/NNNNN.json` (a `DoneRecord` per finished shard),
-and `part-NNNNN.parquet` result shards. Temporary files start with `.` (local disk only).
+`part-NNNNN.parquet` result shards, and `_inputs/NNNNN.parquet`, the Parquet copies of JSONL inputs that the actors
+read. Temporary files start with `.` (local disk only).
 
 Readers (pandas, pyarrow, polars, DuckDB, HF datasets) skip names starting with `_` or `.`, so reading OUT gives
 exactly the result rows. A shard counts as done only when its completion record exists and its part file still has
