@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -154,6 +155,17 @@ class Location:
             with self.fs.open_output_stream(final) as f:
                 f.write(data)
 
+    def put_file(self, local: str | os.PathLike, *parts: str) -> None:
+        """Copy local file `local` here, streamed (1 MiB at a time), as atomically as `write_bytes`."""
+        with open(local, "rb") as src:
+            if self.local:
+                with atomic_write(self.path(*parts)) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            else:
+                with self.fs.open_output_stream(self.path(*parts)) as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+
     def write_text(self, text: str, *parts: str) -> None:
         self.write_bytes(text.encode(), *parts)
 
@@ -170,8 +182,11 @@ class Location:
         return pq.ParquetFile(self.fs.open_input_file(self.path(*parts)))
 
 
-def expand_inputs(spec: str) -> tuple[list[str], str]:
-    """IN (a file, a folder, or a glob; local or URI) as sorted file URIs/paths, and the root they are named from."""
+def expand_inputs(spec: str, patterns: tuple[str, ...] = ("*.parquet",)) -> tuple[list[str], str]:
+    """IN (a file, a folder, or a glob; local or URI) as sorted file URIs/paths, and the root they are named from.
+
+    A folder is searched (recursively) for file names matching any of `patterns`.
+    """
     has_glob = any(ch in spec for ch in "*?[")
     base = spec
     pattern = None
@@ -187,8 +202,9 @@ def expand_inputs(spec: str) -> tuple[list[str], str]:
     if loc.is_dir():
         names = [
             n
-            for n in loc.list(recursive=True, pattern="*.parquet")
-            if not any(part.startswith((".", "_")) for part in n.split("/"))
+            for n in loc.list(recursive=True)
+            if any(fnmatch.fnmatch(n.rsplit("/", 1)[-1], p) for p in patterns)
+            and not any(part.startswith((".", "_")) for part in n.split("/"))
         ]
         return [loc.uri_of(n) for n in names], loc.uri
     if loc.exists():

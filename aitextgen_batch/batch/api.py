@@ -1,10 +1,12 @@
-"""`generate_dataset`: Parquet prompts in, Parquet results out, on Ray; resumable and exactly once."""
+"""`generate_dataset`: Parquet or JSONL prompts (or chat messages) in, Parquet results out, on Ray; resumable and
+exactly once."""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -14,23 +16,60 @@ from ..generation.options import EngineConfig
 from ..generation.params import SamplingParams
 from ..storage import Location
 from . import manifest as mf
-from .manifest import Columns, DoneRecord, Identity, JobSpec, ModelSpec, Numerics
+from .manifest import ChatSpec, Columns, DoneRecord, Identity, JobSpec, ModelSpec, Numerics
 
 log = logging.getLogger("aitextgen_batch")
 
 
 @dataclass
 class GenerateConfig:
-    """Generate text for every row of Parquet prompts on Ray actors: sharded, resumable, exactly once."""
+    """Generate text for every row of Parquet or JSONL prompts on Ray actors: sharded, resumable, exactly once."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    input: str = field(default="", metadata={"help": "a Parquet file, a folder of them, or a glob"})
+    input: str = field(default="", metadata={"help": "a Parquet or JSONL file, a folder of them, or a glob"})
     output: str = field(default="", metadata={"help": "output folder (Parquet shards + _job.json)"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompts"})
     id_column: str = field(default="id", metadata={"help": "unique id column; if absent, ids are file:row"})
     seed_column: str | None = field(default=None, metadata={"help": "per-row seeds; else derived from --seed + id"})
     keep_columns: list[str] = field(default_factory=list, metadata={"help": "input columns copied to the output"})
+    messages_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "column of chat messages, list<struct<role, content>> or JSON text of one, rendered with the "
+            "chat template (add_generation_prompt); the output's prompt is the rendered text"
+        },
+    )
+    chat: bool = field(
+        default=False, metadata={"help": "render each --prompt-column text as one user message with the chat template"}
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "chat: a system message put first in every conversation that has none"}
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "chat: a Jinja chat template file (default: the tokenizer's)"}
+    )
+    params_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "per-row sampling params: a struct column, or JSON text of an object, of sampling fields "
+            "(temperature, max_new_tokens, ...) over the job's; each row's are written to the output's params column"
+        },
+    )
+    logprobs: bool = field(
+        default=False,
+        metadata={
+            "help": "add cumulative_logprob: the sum over the generated tokens (eos included) of the model's "
+            "log-softmax, taken before temperature, top-k, top-p and penalties"
+        },
+    )
+    return_tokens: bool = field(
+        default=False,
+        metadata={
+            "help": "add token_ids (the generated tokens, with the final eos when the row ended with one) and "
+            "token_logprobs (each one's log-softmax under the model, before temperature, top-k and top-p)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "job seed from which per-item seeds derive, >= 0"})
     shard_rows: int = field(default=1000, metadata={"help": "input rows per shard, >= 1"})
     batch_size: int = field(default=256, metadata={"help": "items scheduled together in an actor, >= 1"})
@@ -56,11 +95,31 @@ class GenerateConfig:
             check_range("gpus_per_actor", self.gpus_per_actor, 0)
         if isinstance(self.keep_columns, str):
             self.keep_columns = [self.keep_columns]
-        from .shard import BASE_FIELDS
+        check(
+            not (self.chat and self.messages_column),
+            "chat",
+            "and --messages-column both say where chat messages come from; pass one",
+        )
+        chat_input = self.chat or self.messages_column is not None
+        for name in ("system_prompt", "chat_template"):
+            check(chat_input or getattr(self, name) is None, name, "is for chat input: add --chat or --messages-column")
+        from .shard import BASE_FIELDS, optional_fields
 
         reserved = {"id"} | {name for name, _ in BASE_FIELDS}
+        reserved |= set(optional_fields(self.params_column is not None, self.logprobs, self.return_tokens))
         clash = sorted(set(self.keep_columns) & reserved)
         check(not clash, "keep_columns", f"cannot keep {clash}: those names are output columns", self.keep_columns)
+
+    @property
+    def columns(self) -> Columns:
+        return Columns(
+            prompt=self.prompt_column,
+            id=self.id_column,
+            seed=self.seed_column,
+            keep=list(self.keep_columns),
+            messages=self.messages_column,
+            params=self.params_column,
+        )
 
 
 @dataclass
@@ -107,6 +166,13 @@ class CheckedJob:
 
     inputs: object  # inputs.InputCheck
     fingerprint: str
+    chat: ChatSpec | None = None
+    chat_template: str | None = None  # the template's text
+    staging: tempfile.TemporaryDirectory | None = None  # local Parquet copies of JSONL inputs
+
+    def cleanup(self) -> None:
+        if self.staging is not None:
+            self.staging.cleanup()
 
 
 def _resources(cfg: GenerateConfig) -> Resources:
@@ -169,12 +235,18 @@ def _model_spec(cfg: GenerateConfig) -> ModelSpec:
 
 
 def check_job(cfg: GenerateConfig) -> CheckedJob:
-    """Every check that needs no cluster, run before Ray starts: inputs, output placement, model and lengths.
+    """Every check that needs no cluster, run before Ray starts: inputs, output placement, model, chat template and
+    lengths. JSONL inputs are checked line by line and copied to Parquet in a local temporary folder (`cleanup()`
+    removes it).
 
     Raises:
-        UserError: a bad input file, an --output inside --input, a model that cannot load (pickle weights without
-            --allow-pickle are refused before any file is opened), or --max-new-tokens beyond the model's context.
+        UserError: a bad input file (or JSONL line), an --output inside --input, a model that cannot load (pickle
+            weights without --allow-pickle are refused before any file is opened), a chat job without a usable chat
+            template, or --max-new-tokens beyond the model's context.
     """
+    from pathlib import Path
+
+    from ..generation.chat import ChatRenderer
     from ..generation.prompts import room_error
     from ..models.provenance import inspect_source
     from .inputs import check_output_apart, validate_inputs
@@ -182,14 +254,25 @@ def check_job(cfg: GenerateConfig) -> CheckedJob:
     out = Location(cfg.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {cfg.output!r} is a file; pass a folder (new, or one a generate run wrote)")
-    inputs = validate_inputs(cfg.input, cfg.prompt_column, cfg.id_column, cfg.seed_column, cfg.keep_columns)
-    check_output_apart(cfg.output, cfg.input, inputs)
-    e = cfg.engine
-    facts = inspect_source(e.model, e.tokenizer, e.trust_remote_code, e.allow_pickle)
-    room = room_error(cfg.sampling.max_new_tokens, facts.context_length)
-    if room:
-        raise UserError(room)
-    return CheckedJob(inputs, facts.fingerprint)
+    checked = CheckedJob(None, "", staging=tempfile.TemporaryDirectory(prefix="aitextgen-batch-inputs-"))
+    try:
+        checked.inputs = validate_inputs(cfg.input, cfg.columns, Path(checked.staging.name))
+        check_output_apart(cfg.output, cfg.input, checked.inputs)
+        e = cfg.engine
+        facts = inspect_source(e.model, e.tokenizer, e.trust_remote_code, e.allow_pickle)
+        checked.fingerprint = facts.fingerprint
+        if cfg.chat or cfg.messages_column:
+            renderer = ChatRenderer(facts.tokenizer, cfg.chat_template, cfg.system_prompt)
+            mode = "messages" if cfg.messages_column else "prompt"
+            checked.chat = ChatSpec(mode, renderer.template_sha256, cfg.system_prompt)
+            checked.chat_template = renderer.template
+        room = room_error(cfg.sampling.max_new_tokens, facts.context_length)
+        if room:
+            raise UserError(room)
+    except BaseException:
+        checked.cleanup()
+        raise
+    return checked
 
 
 def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> JobSpec:
@@ -199,31 +282,38 @@ def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> 
     from .plan import plan_shards
 
     inputs = checked.inputs
+    columns = cfg.columns
+    columns.id = cfg.id_column if inputs.has_id else None
     identity = Identity(
         model_fingerprint=checked.fingerprint,
         sampling=to_dict(cfg.sampling),
         job_seed=cfg.seed,
-        columns=Columns(
-            prompt=cfg.prompt_column,
-            id=cfg.id_column if inputs.has_id else None,
-            seed=cfg.seed_column,
-            keep=list(cfg.keep_columns),
-        ),
+        columns=columns,
         inputs=[[f.name, f.rows] for f in inputs.files],
         shard_rows=cfg.shard_rows,
         engine=numerics,
+        chat=checked.chat,
+        logprobs=cfg.logprobs,
+        return_tokens=cfg.return_tokens,
     )
     keep = pa.schema([pa.field(c, inputs.types[c]) for c in cfg.keep_columns])
+    out = Location(cfg.output)
+    # Actors read a JSONL input's Parquet copy from OUT/_inputs/ (copied there once OUT is known to be this job's).
+    files = [
+        dataclasses.replace(f, staged=out.uri_of(mf.staged_name(i)) if i in inputs.staged else None)
+        for i, f in enumerate(inputs.files)
+    ]
     return JobSpec(
         identity=identity,
-        output=Location(cfg.output).uri,
+        output=out.uri,
         model=_model_spec(cfg),
-        files=inputs.files,
+        files=files,
         has_id=inputs.has_id,
         id_type=inputs.id_type,
         keep_schema=base64.b64encode(keep.serialize().to_pybytes()).decode(),
         shards=plan_shards(inputs.files, cfg.shard_rows),
         versions=package_versions(),
+        chat_template=checked.chat_template,
     )
 
 
@@ -269,14 +359,17 @@ def generate_dataset(config: GenerateConfig | None = None, **options) -> JobSumm
 
     cfg = config or build_config(GenerateConfig, options)
     checked = check_job(cfg)
-    started = connect_ray(cfg.address)
     try:
-        return _run(cfg, checked)
-    finally:
-        if started:
-            import ray
+        started = connect_ray(cfg.address)
+        try:
+            return _run(cfg, checked)
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
+    finally:
+        checked.cleanup()
 
 
 @dataclass
@@ -299,7 +392,7 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
     res = _resources(cfg)
     job = _build_job(cfg, checked, _numerics(cfg, res.device))
     out = Location(job.output)
-    pending, skipped, records = _prepare_output(cfg, job, out, t0)
+    pending, skipped, records = _prepare_output(cfg, job, out, t0, checked.inputs.staged)
     outcome = _Outcome(records, {}, skipped, 0)
     total_rows = sum(s.rows for s in job.shards)
     progress = JobProgress(len(job.shards), total_rows, quiet=cfg.quiet, already=[r for r in records.values() if r])
@@ -338,9 +431,11 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
 
 
 def _prepare_output(
-    cfg: GenerateConfig, job: JobSpec, out: Location, t0: float
+    cfg: GenerateConfig, job: JobSpec, out: Location, t0: float, staged: dict[int, str]
 ) -> tuple[list[int], int, dict[int, DoneRecord | None]]:
-    """Check or create OUT, clean leftovers, write the manifest; returns (pending shards, skipped, done records).
+    """Check or create OUT, clean leftovers, write the manifest, copy the Parquet copies of JSONL inputs (`staged`:
+    file index -> local file) into OUT/_inputs/ when shards are left to do; returns (pending shards, skipped, done
+    records).
 
     A finished shard is trusted only when its part file has the size and sha256 its record states.
     """
@@ -368,6 +463,9 @@ def _prepare_output(
         for s in redo:
             out.delete(mf.done_name(s))
     pending = [s for s, r in records.items() if r is None]
+    if pending:
+        for i, local in staged.items():
+            out.put_file(local, mf.staged_name(i))
     return pending, len(job.shards) - len(pending), records
 
 

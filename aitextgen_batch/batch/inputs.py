@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
 from ..storage import Location, expand_inputs, open_parquet
-from .manifest import InputFile
+from .manifest import Columns, InputFile
 
 
 @dataclass
@@ -21,20 +23,25 @@ class InputCheck:
     has_id: bool  # the id column exists (else ids are `file:row`)
     id_type: str  # "int" or "string"
     root: str  # the folder input names are relative to
+    staged: dict[int, str] = field(default_factory=dict)  # file index -> local Parquet copy of a JSONL file
 
     @property
     def rows(self) -> int:
         return sum(f.rows for f in self.files)
 
+    def parquet(self, index: int) -> str:
+        """The Parquet file holding file `index`'s rows (its local copy, for a JSONL file)."""
+        return self.staged.get(index) or self.files[index].path
 
-def _open(path: str):
+
+def _open(path: str, name: str | None = None):
     import pyarrow as pa
 
     try:
         return open_parquet(path)
     except (pa.ArrowException, OSError) as exc:
         raise UserError(
-            f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}); fix or remove it from --input"
+            f"{name or path}: not a readable Parquet file ({type(exc).__name__}: {exc}); fix or remove it from --input"
         ) from exc
 
 
@@ -43,43 +50,61 @@ def id_key(value) -> str:
     return str(value)
 
 
-def validate_inputs(
-    spec: str, prompt_column: str, id_column: str | None, seed_column: str | None, keep_columns: list[str]
-) -> InputCheck:
+def _flags(columns: Columns) -> dict[str, str]:
+    """Input column -> the flag that names it, for the columns every file must have."""
+    named = {c: "--keep-columns" for c in columns.keep}
+    if columns.seed:
+        named[columns.seed] = "--seed-column"
+    if columns.params:
+        named[columns.params] = "--params-column"
+    if columns.messages:
+        named[columns.messages] = "--messages-column"
+    else:
+        named[columns.prompt] = "--prompt-column"
+    return named
+
+
+def validate_inputs(spec: str, columns: Columns, staging: Path | None = None) -> InputCheck:
     """Check every file before anything starts.
 
-    Checks: at least one file and one row; readable Parquet; the prompt column holds text and it (and the seed and
-    kept columns) exists in every file with one type; ids are valid and unique across all files. Ids are checked
-    through 8-byte digests so the driver's memory holds 8 bytes per row, not the ids themselves.
+    Checks: at least one file and one row; readable Parquet, or JSONL whose every line is an object with values of
+    the right kinds (`jsonl.stage_jsonl` writes its Parquet copy into `staging`); the prompt column holds text (or
+    the messages column holds chat messages, the params column sampling fields) and it, the seed and the kept
+    columns exist in every file with one type; ids are valid and unique across all files. Ids are checked through
+    8-byte digests so the driver's memory holds 8 bytes per row, not the ids themselves.
 
     Raises:
-        UserError: naming the file (and row) at fault and the flag to change.
+        UserError: naming the file (and row or line) at fault and the flag to change.
     """
     import pyarrow as pa
 
-    paths, root = expand_inputs(spec)
+    from .jsonl import is_jsonl, stage_jsonl
+
+    paths, root = expand_inputs(spec, ("*.parquet", "*.jsonl"))
     if not paths:
         raise UserError(
-            f"--input {spec!r} matches no Parquet files (a folder is searched for *.parquet; a glob must match "
-            "files): check the path or pattern"
+            f"--input {spec!r} matches no Parquet files and no JSONL files (a folder is searched for *.parquet and "
+            "*.jsonl; a glob must match files): check the path or pattern"
         )
+    id_column = columns.id
     files: list[InputFile] = []
+    staged: dict[int, str] = {}
     types: dict[str, pa.DataType] = {}
     use_id = None
+    flags = _flags(columns)
     for path in paths:
-        pf = _open(path)
+        read = path
+        if is_jsonl(path):
+            if staging is None:
+                raise UserError(f"{path}: JSONL input needs a staging folder (pass `staging`)")
+            read = str(staging / f"{len(files):05d}.parquet")
+            stage_jsonl(path, Path(read), columns)
+            staged[len(files)] = read
+        pf = _open(read, path)
         schema = pf.schema_arrow
         names = set(schema.names)
-        need = [prompt_column] + ([seed_column] if seed_column else []) + list(keep_columns)
-        for col in need:
+        for col, flagname in flags.items():
             if col not in names:
-                flagname = (
-                    "--prompt-column"
-                    if col == prompt_column
-                    else "--seed-column"
-                    if col == seed_column
-                    else "--keep-columns"
-                )
                 raise UserError(f"{path}: no column {col!r} ({flagname}); its columns are: {', '.join(schema.names)}")
         has_id = id_column is not None and id_column in names
         if use_id is None:
@@ -89,33 +114,64 @@ def validate_inputs(
                 f"{path}: id column {id_column!r} is present in some input files but not in this one; "
                 "give every file the column, or none (ids then derive from file name and row)"
             )
-        for col in need + ([id_column] if has_id else []):
+        for col in list(flags) + ([id_column] if has_id else []):
             t = schema.field(col).type
             if col in types and types[col] != t and not (_stringy(t) and _stringy(types[col])):
                 raise UserError(
                     f"{path}: column {col!r} has type {t}, but earlier files have {types[col]}; make the types agree"
                 )
             types.setdefault(col, t)
-        if not _stringy(types[prompt_column]):
-            raise UserError(
-                f"{path}: the prompt column {prompt_column!r} (--prompt-column) holds {types[prompt_column]}, not "
-                "text; pass the column that holds the prompts as strings"
-            )
-        if seed_column and not pa.types.is_integer(types[seed_column]):
-            raise UserError(
-                f"{path}: --seed-column {seed_column!r} must hold integers, it has type {types[seed_column]}"
-            )
+        _check_types(path, columns, types)
         name = path[len(root) :].lstrip("/") if path.startswith(root + "/") else path.rsplit("/", 1)[-1]
         files.append(InputFile(path, name, pf.metadata.num_rows))
+    check = InputCheck(files, types, bool(use_id), "string", root, staged)
     if use_id:
-        _check_unique_ids(files, id_column)
+        _check_unique_ids(check, id_column)
     if use_id and not (pa.types.is_integer(types[id_column]) or _stringy(types[id_column])):
         raise UserError(f"id column {id_column!r} has type {types[id_column]}; ids must be integers or strings")
-    id_type = "int" if use_id and pa.types.is_integer(types[id_column]) else "string"
-    check = InputCheck(files, types, bool(use_id), id_type, root)
+    check.id_type = "int" if use_id and pa.types.is_integer(types[id_column]) else "string"
     if check.rows == 0:
-        raise UserError(f"--input {spec!r} holds no rows ({len(files)} Parquet file(s), all empty): nothing to do")
+        raise UserError(f"--input {spec!r} holds no rows ({len(files)} input file(s), all empty): nothing to do")
     return check
+
+
+def _check_types(path: str, columns: Columns, types: dict) -> None:
+    """The prompt (or messages), seed and params columns hold what they must."""
+    import pyarrow as pa
+
+    from ..generation.params import SamplingParams
+
+    if columns.messages:
+        t = types[columns.messages]
+        item = t.value_type if pa.types.is_list(t) or pa.types.is_large_list(t) else None
+        chat_shape = item is not None and pa.types.is_struct(item) and {"role", "content"} <= set(item.names)
+        if not (_stringy(t) or chat_shape):
+            raise UserError(
+                f"{path}: the messages column {columns.messages!r} (--messages-column) holds {t}; it must hold "
+                "list<struct<role: string, content: string>> (chat messages) or JSON text of such a list"
+            )
+    elif not _stringy(types[columns.prompt]):
+        raise UserError(
+            f"{path}: the prompt column {columns.prompt!r} (--prompt-column) holds {types[columns.prompt]}, not "
+            "text; pass the column that holds the prompts as strings"
+        )
+    if columns.seed and not pa.types.is_integer(types[columns.seed]):
+        raise UserError(f"{path}: --seed-column {columns.seed!r} must hold integers, it has type {types[columns.seed]}")
+    if columns.params:
+        t = types[columns.params]
+        known = {f.name for f in dataclasses.fields(SamplingParams)}
+        if pa.types.is_struct(t):
+            unknown = [n for n in t.names if n not in known]
+            if unknown:
+                raise UserError(
+                    f"{path}: the params column {columns.params!r} (--params-column) has field(s) {unknown}, which are "
+                    f"not sampling fields; the fields are: {', '.join(known)}"
+                )
+        elif not _stringy(t):
+            raise UserError(
+                f"{path}: the params column {columns.params!r} (--params-column) holds {t}; it must be a struct of "
+                "sampling fields or JSON text of an object of them"
+            )
 
 
 def check_output_apart(output: str, spec: str, check: InputCheck) -> None:
@@ -175,11 +231,11 @@ def _digests(values) -> np.ndarray:
     )
 
 
-def _check_unique_ids(files: list[InputFile], id_column: str) -> None:
+def _check_unique_ids(check: InputCheck, id_column: str) -> None:
     chunks = []
-    for f in files:
+    for i, f in enumerate(check.files):
         offset = 0
-        for batch in _open(f.path).iter_batches(columns=[id_column], batch_size=65536):
+        for batch in _open(check.parquet(i), f.path).iter_batches(columns=[id_column], batch_size=65536):
             col = batch.column(0)
             values = _texts(col, f.path, offset, f"the id (--id-column {id_column!r})")
             if col.null_count:
@@ -194,17 +250,17 @@ def _check_unique_ids(files: list[InputFile], id_column: str) -> None:
         return
     # Name the real duplicates (a digest collision alone is not a duplicate).
     seen: dict[str, tuple[str, int]] = {}
-    for f in files:
+    for i, f in enumerate(check.files):
         offset = 0
-        for batch in _open(f.path).iter_batches(columns=[id_column], batch_size=65536):
+        for batch in _open(check.parquet(i), f.path).iter_batches(columns=[id_column], batch_size=65536):
             vals = batch.column(0).to_pylist()
-            for i, (v, h) in enumerate(zip(vals, _digests(vals).tolist(), strict=True)):
+            for j, (v, h) in enumerate(zip(vals, _digests(vals).tolist(), strict=True)):
                 if h in dup_h:
                     k = id_key(v)
                     if k in seen:
                         raise UserError(
                             f"duplicate id {v!r}: {seen[k][0]} row {seen[k][1]} and {f.path} row "
-                            f"{offset + i}; ids (--id-column {id_column!r}) must be unique"
+                            f"{offset + j}; ids (--id-column {id_column!r}) must be unique"
                         )
-                    seen[k] = (f.path, offset + i)
+                    seen[k] = (f.path, offset + j)
             offset += len(vals)

@@ -1,5 +1,6 @@
 """The job folder and its records: `_job.json` (a `JobSpec`), `_done/NNNNN.json` (a `DoneRecord` per finished shard),
-and `part-NNNNN.parquet` result shards. Temporary files start with `.` (local disk only).
+`part-NNNNN.parquet` result shards, and `_inputs/NNNNN.parquet`, the Parquet copies of JSONL inputs that the actors
+read. Temporary files start with `.` (local disk only).
 
 Readers (pandas, pyarrow, polars, DuckDB, HF datasets) skip names starting with `_` or `.`, so reading OUT gives
 exactly the result rows. A shard counts as done only when its completion record exists and its part file still has
@@ -19,16 +20,26 @@ from ..storage import Location
 
 JOB_FILE = "_job.json"
 DONE_DIR = "_done"
+INPUTS_DIR = "_inputs"  # Parquet copies of JSONL inputs
 FORMAT = "aitextgen-batch/job/v1"
 
 
 @dataclass
 class InputFile:
-    """One input Parquet file; shards refer to it by its index in `JobSpec.files`."""
+    """One input file; shards refer to it by its index in `JobSpec.files`.
+
+    A JSONL file is read through its Parquet copy `staged` (in OUT/_inputs/, where every actor can read it).
+    """
 
     path: str  # as given/resolved
     name: str  # relative to the input root: used in derived ids
     rows: int
+    staged: str | None = None
+
+    @property
+    def parquet(self) -> str:
+        """The Parquet file that holds this input's rows."""
+        return self.staged or self.path
 
 
 @dataclass
@@ -58,12 +69,25 @@ class Numerics:
 
 @dataclass
 class Columns:
-    """Input column names: prompt, id (None: ids derive from file and row), seed (None: derived), kept columns."""
+    """Input column names: prompt, id (None: ids derive from file and row), seed (None: derived), kept columns, chat
+    messages (None: the prompt column is read) and per-row sampling params (None: the job's for every row)."""
 
     prompt: str
     id: str | None
     seed: str | None
     keep: list[str]
+    messages: str | None = None
+    params: str | None = None
+
+
+@dataclass
+class ChatSpec:
+    """How chat rows are rendered: `mode` is "messages" (the messages column) or "prompt" (`--chat`: the prompt as one
+    user message); the template (by its sha256; `JobSpec.chat_template` holds its text) and the system prompt."""
+
+    mode: str
+    template_sha256: str
+    system_prompt: str | None = None
 
 
 @dataclass
@@ -77,6 +101,9 @@ class Identity:
     inputs: list[list]  # [file name, rows] per input file
     shard_rows: int
     engine: Numerics
+    chat: ChatSpec | None = None
+    logprobs: bool = False  # the output has cumulative_logprob
+    return_tokens: bool = False  # the output has token_ids and token_logprobs
 
 
 @dataclass
@@ -110,6 +137,9 @@ class DoneRecord:
     bytes: int
     sha256: str
     first_error: str | None = None  # the first error row's message, for a job whose every row failed
+    # torch's CPU threads while the shard ran: a CPU matmul splits its sums by thread count, so the rows' logits (and
+    # log-probabilities) are reproduced exactly with this count (None: not recorded, by an older version)
+    threads: int | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,6 +167,7 @@ class JobSpec:
     status: str = "running"  # running | complete | failed | incomplete
     summary: dict | None = None
     failed: dict[str, str] = field(default_factory=dict)
+    chat_template: str | None = None  # the chat template's text (actors render with exactly this)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,6 +182,8 @@ class JobSpec:
         ident = dict(data["identity"])
         ident["columns"] = Columns(**ident["columns"])
         ident["engine"] = Numerics(**ident["engine"])
+        if ident.get("chat") is not None:
+            ident["chat"] = ChatSpec(**ident["chat"])
         return cls(
             **{
                 **data,
@@ -168,6 +201,10 @@ def part_name(shard: int) -> str:
 
 def done_name(shard: int) -> str:
     return f"{DONE_DIR}/{shard:05d}.json"
+
+
+def staged_name(file_index: int) -> str:
+    return f"{INPUTS_DIR}/{file_index:05d}.parquet"
 
 
 def write_job(out: Location, job: JobSpec) -> None:
@@ -232,7 +269,8 @@ def write_done(out: Location, record: DoneRecord) -> None:
 
 def clean_tmp(out: Location) -> int:
     """Remove leftovers of interrupted local writes (`.NAME.*.tmp`); returns how many were removed."""
-    leftovers = out.list(".tmp") + out.list(pattern=".*.tmp") + out.list(DONE_DIR, pattern=".*.tmp")
+    leftovers = out.list(".tmp") + out.list(pattern=".*.tmp")
+    leftovers += out.list(DONE_DIR, pattern=".*.tmp") + out.list(INPUTS_DIR, pattern=".*.tmp")
     for name in leftovers:
         out.delete(name)
     return len(leftovers)
@@ -242,7 +280,7 @@ def wipe(out: Location) -> None:
     """--overwrite: remove what a previous job wrote into OUT (and nothing else)."""
     for name in out.list(pattern="part-*.parquet"):
         out.delete(name)
-    for name in (DONE_DIR, JOB_FILE):
+    for name in (DONE_DIR, INPUTS_DIR, JOB_FILE):
         out.delete(name)
 
 

@@ -6,17 +6,19 @@ calls `run_shard` for each shard it pulls.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import socket
 import time
 from dataclasses import dataclass
 
-from ..generation.params import SamplingParams
-from ..generation.prompts import prompt_error
+from ..config import to_dict
 from ..generation.seeds import SEED_MAX, derive_seed, sample_seed
 from ..storage import Location, open_parquet
 from .manifest import DoneRecord, JobSpec, ShardPlan, part_name, write_done
+from .rows import prepare_rows
 
 BASE_FIELDS = [
     ("sample_index", "int32"),
@@ -28,17 +30,36 @@ BASE_FIELDS = [
     ("finish_reason", "string"),
     ("error", "string"),
 ]
+PARAMS_FIELD = "params"  # with --params-column: each row's effective SamplingParams, as JSON
+LOGPROB_FIELDS = ["cumulative_logprob"]  # with --logprobs
+TOKEN_FIELDS = ["token_ids", "token_logprobs"]  # with --return-tokens
+
+
+def optional_fields(params: bool, logprobs: bool, return_tokens: bool) -> list[str]:
+    """The output columns a job has beyond BASE_FIELDS, in order."""
+    return [PARAMS_FIELD] * params + LOGPROB_FIELDS * logprobs + TOKEN_FIELDS * return_tokens
 
 
 def output_schema(job: JobSpec):
-    """The explicit schema of every result shard: id, the generation fields, then the kept columns."""
+    """The explicit schema of every result shard: id, the generation fields, the optional ones, the kept columns."""
     import pyarrow as pa
 
+    ident = job.identity
+    types = {
+        PARAMS_FIELD: pa.string(),
+        "cumulative_logprob": pa.float64(),
+        "token_ids": pa.list_(pa.int32()),
+        "token_logprobs": pa.list_(pa.float32()),
+    }
     fields = [pa.field("id", pa.int64() if job.id_type == "int" else pa.string(), nullable=False)]
     fields += [pa.field(name, getattr(pa, t)()) for name, t in BASE_FIELDS]
+    fields += [
+        pa.field(name, types[name])
+        for name in optional_fields(bool(ident.columns.params), ident.logprobs, ident.return_tokens)
+    ]
     kept = keep_schema(job)
-    fields += [kept.field(c) for c in job.identity.columns.keep]
-    return pa.schema(fields, metadata={"aitextgen_batch.fingerprint": job.identity.model_fingerprint})
+    fields += [kept.field(c) for c in ident.columns.keep]
+    return pa.schema(fields, metadata={"aitextgen_batch.fingerprint": ident.model_fingerprint})
 
 
 def keep_schema(job: JobSpec):
@@ -64,12 +85,13 @@ def read_rows(job: JobSpec, shard: ShardPlan) -> ShardRows:
     import pyarrow as pa
 
     cols = job.identity.columns
-    wanted = [cols.prompt] + ([cols.id] if job.has_id else []) + ([cols.seed] if cols.seed else [])
-    wanted += [c for c in cols.keep if c not in wanted]
+    source = cols.messages if job.identity.chat is not None and job.identity.chat.mode == "messages" else cols.prompt
+    wanted = [source] + ([cols.id] if job.has_id else []) + ([cols.seed] if cols.seed else [])
+    wanted += [c for c in [cols.params, *cols.keep] if c and c not in wanted]
     tables, origins, derived = [], [], []
     for fi, start, end in shard.segments:
         f = job.files[fi]
-        pf = open_parquet(f.path)
+        pf = open_parquet(f.parquet)
         md = pf.metadata
         groups, offset, first = [], 0, None
         for g in range(md.num_row_groups):
@@ -87,49 +109,33 @@ def read_rows(job: JobSpec, shard: ShardPlan) -> ShardRows:
     return ShardRows(table, ids, origins)
 
 
-def decode_prompts(column, origins: list[str]) -> tuple[list, dict[int, str]]:
-    """The prompts as Python values, and {row: error} for rows that are not valid UTF-8 (they become error rows)."""
-    import pyarrow as pa
-
-    try:
-        return column.to_pylist(), {}
-    except UnicodeDecodeError:
-        pass
-    prompts, errors = [], {}
-    for r, raw in enumerate(column.cast(pa.large_binary()).to_pylist()):
-        try:
-            prompts.append(None if raw is None else raw.decode())
-        except UnicodeDecodeError as exc:
-            prompts.append(None)
-            errors[r] = f"prompt is not valid UTF-8 ({exc.reason} at byte {exc.start}) in {origins[r]}"
-    return prompts, errors
-
-
 def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRecord:
     """Generate shard `shard_index` of `job` and record it as done; returns the completion record."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import torch
 
     t0 = time.perf_counter()
     out = Location(job.output)
     shard = job.shards[shard_index]
     ident = job.identity
     cols = ident.columns
-    params = SamplingParams(**{**ident.sampling, "num_return_sequences": 1})
-    k_samples = ident.sampling["num_return_sequences"]
+    job_k = ident.sampling["num_return_sequences"]
     rows = read_rows(job, shard)
-    prompts, row_errors = decode_prompts(rows.table.column(cols.prompt), rows.origins)
+    work = prepare_rows(job, rows.table, rows.origins, engine.tokenizer)
     seeds_col = rows.table.column(cols.seed).to_pylist() if cols.seed else None
     n = shard.rows
 
-    # One work item per (row, sample): each has its own seed, so no sample depends on another.
+    # One work item per (row, sample): each has its own seed, so no sample depends on another. A row makes as many
+    # samples as its own params ask for (the job's when its params are invalid).
     items, errors = [], {}
     for r in range(n):
-        err = row_errors.get(r) or prompt_error(prompts[r])
+        err = work.errors.get(r)
         col_seed = seeds_col[r] if seeds_col is not None else None
         if err is None and seeds_col is not None and (col_seed is None or not 0 <= col_seed <= SEED_MAX):
             err = f"seed must be an integer in [0, 2**63-1], got {col_seed!r}"
-        for k in range(k_samples):
+        p = work.params[r]
+        for k in range(p.num_return_sequences if p is not None else job_k):
             if seeds_col is not None:
                 seed = sample_seed(col_seed, k) if err is None else 0
             else:
@@ -137,20 +143,33 @@ def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRe
             if err is not None:
                 errors[len(items)] = err
             items.append((r, k, seed))
+    single = [p and dataclasses.replace(p, num_return_sequences=1) for p in work.params]  # one sample per item
     todo = [i for i in range(len(items)) if i not in errors]
-    results = engine.generate([prompts[items[i][0]] for i in todo], [items[i][2] for i in todo], params, batch_size)
+    results = engine.generate(
+        [work.prompts[items[i][0]] for i in todo],
+        [items[i][2] for i in todo],
+        [single[items[i][0]] for i in todo],
+        batch_size,
+    )
     by_item = dict(zip(todo, results, strict=True))
 
-    data: dict[str, list] = {name: [] for name in ["id"] + [f for f, _ in BASE_FIELDS]}
+    extra = optional_fields(bool(cols.params), ident.logprobs, ident.return_tokens)
+    data: dict[str, list] = {name: [] for name in ["id"] + [f for f, _ in BASE_FIELDS] + extra}
     tokens = n_err = 0
     first_error = None
+    params_json: dict[int, str] = {}
     for i, (r, k, seed) in enumerate(items):
         res = by_item.get(i)
-        prompt = prompts[r]
+        prompt = work.prompts[r]
         data["id"].append(rows.ids[r])
         data["sample_index"].append(k)
         data["prompt"].append(prompt if isinstance(prompt, str) else None if prompt is None else str(prompt))
         data["seed"].append(seed)
+        if PARAMS_FIELD in data:
+            p = work.params[r]
+            if p is not None and r not in params_json:
+                params_json[r] = json.dumps(to_dict(p), sort_keys=True)
+            data[PARAMS_FIELD].append(params_json.get(r))
         if res is None or res.error:
             n_err += 1
             message = errors.get(i) or res.error
@@ -160,6 +179,9 @@ def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRe
             data["num_generated_tokens"].append(0)
             data["finish_reason"].append("error")
             data["error"].append(message)
+            for name in LOGPROB_FIELDS + TOKEN_FIELDS:
+                if name in data:
+                    data[name].append(None)
         else:
             tokens += res.num_generated_tokens
             data["text"].append(res.text)
@@ -167,6 +189,9 @@ def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRe
             data["num_generated_tokens"].append(res.num_generated_tokens)
             data["finish_reason"].append(res.finish_reason)
             data["error"].append(None)
+            for name, value in logprob_values(res, engine.eos_id).items():
+                if name in data:
+                    data[name].append(value)
     schema = output_schema(job)
     arrays = [pa.array(data[name], type=schema.field(name).type) for name in data]
     # Kept columns are taken as Arrow values (never decoded), in the input's own type.
@@ -190,6 +215,17 @@ def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRe
         bytes=len(blob),
         sha256=hashlib.sha256(blob).hexdigest(),
         first_error=first_error,
+        threads=torch.get_num_threads(),
     )
     write_done(out, record)
     return record
+
+
+def logprob_values(res, eos_id: int) -> dict:
+    """A result's log-probability columns. `token_ids` are the generated tokens with the final eos when the row
+    ended with one, so `token_ids`, `token_logprobs` and `num_generated_tokens` have one length."""
+    return {
+        "cumulative_logprob": res.cumulative_logprob,
+        "token_ids": res.token_ids + [eos_id] * (res.finish_reason == "eos"),
+        "token_logprobs": res.token_logprobs,
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from ..errors import UserError
 from ..storage import Location
 from . import manifest as mf
 from .manifest import JobSpec
+from .shard import LOGPROB_FIELDS, PARAMS_FIELD, TOKEN_FIELDS, logprob_values
 
 
 def load_job(output: str | Path) -> JobSpec:
@@ -42,20 +44,56 @@ def job_engine(job: JobSpec, model: str | None = None):
     return engine
 
 
-def regenerate(engine, job: JobSpec, rows: list[dict]):
-    """Re-generate result rows from their stored prompt and seed (each seed is that sample's own)."""
+def row_params(job: JobSpec, row: dict):
+    """The params one stored sample was made with: its row's `params` column (per-row params), else the job's."""
     from ..generation.params import SamplingParams
 
-    params = SamplingParams(**{**job.identity.sampling, "num_return_sequences": 1})
-    return engine.generate([r["prompt"] for r in rows], [r["seed"] for r in rows], params, batch_size=len(rows))
+    values = json.loads(row[PARAMS_FIELD]) if row.get(PARAMS_FIELD) else job.identity.sampling
+    return SamplingParams(**{**values, "num_return_sequences": 1})
 
 
-def same(row: dict, res) -> bool:
-    return (
+def regenerate(engine, job: JobSpec, rows: list[dict], threads: list[int | None] | None = None):
+    """Re-generate result rows from their stored prompt, seed (each seed is that sample's own) and params.
+
+    `threads`: per row, torch's CPU thread count its shard ran with (`DoneRecord.threads`). A CPU job's rows are
+    re-generated with that count, set for the call and restored after: a CPU matmul splits its sums by thread count,
+    so the logits, and the log-probabilities stored from them, are exact only with the count that made them.
+    """
+    import torch
+
+    if job.identity.engine.device != "cpu" or threads is None:
+        threads = [None] * len(rows)
+    results: list = [None] * len(rows)
+    for count in sorted(set(threads), key=str):
+        idx = [i for i, t in enumerate(threads) if t == count]
+        before = torch.get_num_threads()
+        try:
+            if count:
+                torch.set_num_threads(count)
+            sub = [rows[i] for i in idx]
+            params = [row_params(job, r) for r in sub]
+            got = engine.generate([r["prompt"] for r in sub], [r["seed"] for r in sub], params, batch_size=len(sub))
+        finally:
+            torch.set_num_threads(before)
+        for i, res in zip(idx, got, strict=True):
+            results[i] = res
+    return results
+
+
+def same(row: dict, res, eos_id: int) -> bool:
+    """The stored row and a re-generated result agree byte for byte: text, finish, token count, and the
+    log-probability columns the row has (token_logprobs as stored, in float32)."""
+    import numpy as np
+
+    if not (
         row["text"].encode() == res.text.encode()
         and row["finish_reason"] == res.finish_reason
         and row["num_generated_tokens"] == res.num_generated_tokens
-    )
+    ):
+        return False
+    got = logprob_values(res, eos_id)
+    got["token_logprobs"] = np.asarray(got["token_logprobs"], np.float32).tolist()
+    return all(row[name] == got[name] for name in LOGPROB_FIELDS + TOKEN_FIELDS if name in row)
 
 
 @dataclass
@@ -64,21 +102,24 @@ class PartCheck:
 
     good: list[str]
     damaged: dict[str, str]  # file -> what is wrong
+    records: dict[str, mf.DoneRecord] = field(default_factory=dict)  # good file -> its record
 
 
 def check_parts(out: Location, job: JobSpec) -> PartCheck:
     """Check every `part-*.parquet` against its shard's completion record before anything reads it."""
     sizes = out.sizes(recursive=True)
-    good, damaged = [], {}
+    good, damaged, records = [], {}, {}
     for name in sorted(n for n in sizes if n.startswith("part-") and n.endswith(".parquet")):
         shard = int(name[5:10]) if name[5:10].isdigit() else -1
-        if 0 <= shard < len(job.shards) and mf.done_record(out, shard, sizes) is not None:
+        record = mf.done_record(out, shard, sizes) if 0 <= shard < len(job.shards) else None
+        if record is not None:
             good.append(name)
+            records[name] = record
         elif mf.done_name(shard) not in sizes:
             damaged[name] = "has no completion record (an interrupted or foreign write)"
         else:
             damaged[name] = "differs from its completion record (size or sha256): truncated or changed after writing"
-    return PartCheck(good, damaged)
+    return PartCheck(good, damaged, records)
 
 
 def _read(out: Location, part: str, **kwargs):
@@ -104,13 +145,14 @@ def _id_value(job: JobSpec, item_id: str):
         ) from None
 
 
-def find_row(out: Location, job: JobSpec, item_id: str, sample_index: int) -> dict:
+def find_row(out: Location, job: JobSpec, item_id: str, sample_index: int) -> tuple[dict, mf.DoneRecord]:
+    """The stored row, and the completion record of its shard."""
     value = _id_value(job, item_id)
     parts = check_parts(out, job)
     for part in parts.good:
         t = _read(out, part, filters=[("id", "=", value), ("sample_index", "=", sample_index)])
         if t.num_rows:
-            return t.to_pylist()[0]
+            return t.to_pylist()[0], parts.records[part]
     damaged = f" ({len(parts.damaged)} damaged part file(s) not searched: rerun generate)" if parts.damaged else ""
     raise UserError(f"no row with id {item_id!r} and sample_index {sample_index} in {out}{damaged}")
 
@@ -119,11 +161,12 @@ def replay_row(output: str | Path, item_id: str, sample_index: int = 0, model: s
     """Regenerate one row alone; returns (stored row, new result or None for error rows, match)."""
     out = Location(output)
     job = load_job(output)
-    row = find_row(out, job, item_id, sample_index)
+    row, record = find_row(out, job, item_id, sample_index)
     if row["finish_reason"] == "error":
         return row, None, True
-    res = regenerate(job_engine(job, model), job, [row])[0]
-    return row, res, same(row, res)
+    engine = job_engine(job, model)
+    res = regenerate(engine, job, [row], [record.threads])[0]
+    return row, res, same(row, res, engine.eos_id)
 
 
 def run_replay_row(cfg) -> int:
@@ -147,29 +190,44 @@ def run_replay_row(cfg) -> int:
 
 def verify_output(output: str | Path, sample: int = 100, seed: int = 0, model: str | None = None) -> dict:
     """Check every part file against its record, exactly-once over all rows, then re-generate `sample` random rows
-    and compare them byte for byte."""
+    and compare them byte for byte.
+
+    Exactly-once: every (id, sample_index) once, and each id with samples 0..k-1, where k is its row's
+    num_return_sequences (its `params` column's, with per-row params; else the job's). An input row with no output
+    row at all counts the job's k as missing.
+    """
     out = Location(output)
     job = load_job(output)
     parts = check_parts(out, job)
     keys: set = set()
     dupes = total = 0
     counts = []
+    job_k = job.identity.sampling["num_return_sequences"]
+    per_row = job.identity.columns.params is not None
+    samples: dict = {}  # id -> its row's number of samples
+    k_of: dict = {None: job_k}  # params JSON -> num_return_sequences
     for p in parts.good:
-        t = _read(out, p, columns=["id", "sample_index", "finish_reason"])
+        t = _read(out, p, columns=["id", "sample_index"] + [PARAMS_FIELD] * per_row)
         counts.append(t.num_rows)
-        for i, k in zip(t.column("id").to_pylist(), t.column("sample_index").to_pylist(), strict=True):
+        params = t.column(PARAMS_FIELD).to_pylist() if per_row else [None] * t.num_rows
+        for i, k, pj in zip(t.column("id").to_pylist(), t.column("sample_index").to_pylist(), params, strict=True):
             total += 1
             if (i, k) in keys:
                 dupes += 1
             keys.add((i, k))
-    expected = sum(r for _, r in job.identity.inputs) * job.identity.sampling["num_return_sequences"]
+            if pj not in k_of:
+                k_of[pj] = json.loads(pj)["num_return_sequences"]
+            samples.setdefault(i, k_of[pj])
+    unexpected = sum(1 for i, k in keys if not 0 <= k < samples[i])
+    inputs = sum(r for _, r in job.identity.inputs)
+    expected = sum(samples.values()) + max(0, inputs - len(samples)) * job_k
     # Sample among non-error rows (error rows carry no generated text to compare).
     rng = random.Random(seed)
     candidates = []
     for p, n in zip(parts.good, counts, strict=True):
         candidates.extend((p, i) for i in range(n))
     rng.shuffle(candidates)
-    chosen, by_part = [], {}
+    chosen, threads, by_part = [], [], {}
     for p, i in candidates:
         if len(chosen) >= sample:
             break
@@ -178,15 +236,18 @@ def verify_output(output: str | Path, sample: int = 100, seed: int = 0, model: s
         row = by_part[p][i]
         if row["finish_reason"] != "error":
             chosen.append(row)
+            threads.append(parts.records[p].threads)
     mismatches = []
     if chosen:
-        results = regenerate(job_engine(job, model), job, chosen)
-        mismatches = [r["id"] for r, res in zip(chosen, results, strict=True) if not same(r, res)]
+        engine = job_engine(job, model)
+        results = regenerate(engine, job, chosen, threads)
+        mismatches = [r["id"] for r, res in zip(chosen, results, strict=True) if not same(r, res, engine.eos_id)]
     return {
         "rows": total,
         "expected_rows": expected,
         "duplicates": dupes,
-        "missing": max(0, expected - len(keys)),
+        "missing": max(0, expected - (len(keys) - unexpected)),
+        "unexpected": unexpected,
         "damaged_files": len(parts.damaged),
         "checked": len(chosen),
         "mismatches": len(mismatches),
@@ -214,12 +275,13 @@ class VerifyConfig:
 
 
 def run_verify(cfg: VerifyConfig) -> int:
-    """`verify`: print the report; exit 1 on a mismatch, a duplicate, a missing row or a damaged file."""
+    """`verify`: print the report; exit 1 on a mismatch, a duplicate, a missing or unexpected row or a damaged file."""
     from ..console import print_table
 
     report = verify_output(cfg.output, cfg.sample, cfg.seed, cfg.model)
     print_table({k: v for k, v in report.items() if k not in ("mismatched_ids", "damaged")}, title="verify")
-    ok = not (report["mismatches"] or report["duplicates"] or report["missing"] or report["damaged_files"])
+    bad = ("mismatches", "duplicates", "missing", "unexpected", "damaged_files")
+    ok = not any(report[k] for k in bad)
     if report["mismatched_ids"]:
         print(f"mismatched ids: {report['mismatched_ids']}")
     for name, what in report["damaged"].items():

@@ -36,8 +36,24 @@ def message_error(messages) -> str | None:
 class ChatRenderer:
     """Renders conversations with one template and an optional system prompt."""
 
-    def __init__(self, tokenizer, template_file: str | Path | None = None, system_prompt: str | None = None):
-        if template_file is not None:
+    def __init__(
+        self,
+        tokenizer,
+        template_file: str | Path | None = None,
+        system_prompt: str | None = None,
+        *,
+        template: str | None = None,
+    ):
+        """Check the template (a broken or missing one is refused here, before any row).
+
+        Args:
+            template_file: a Jinja chat template file, instead of the tokenizer's template.
+            system_prompt: a system message put first in every conversation that has none.
+            template: the template's text (a job's actors get the one its driver read), instead of either.
+        """
+        if template is not None:
+            self.template = template
+        elif template_file is not None:
             path = Path(template_file)
             if not path.is_file():
                 raise UserError(f"--chat-template {str(path)!r} is not a file; give a Jinja chat template file")
@@ -56,7 +72,13 @@ class ChatRenderer:
         try:  # a broken template fails every row: refuse it before any work
             self.render([{"role": "user", "content": "probe"}])
         except TemplateSyntaxError as exc:
-            where = f"--chat-template {str(template_file)!r}" if template_file else "the tokenizer's chat template"
+            where = (
+                "the job's chat template"
+                if template is not None
+                else f"--chat-template {str(template_file)!r}"
+                if template_file
+                else "the tokenizer's chat template"
+            )
             raise UserError(f"{where} is not a valid Jinja template: {exc}") from exc
 
     @property

@@ -48,3 +48,24 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def with_overrides(base: SamplingParams, values: dict) -> SamplingParams:
+    """`base` with some of its fields replaced, each value checked by the rules of its flag.
+
+    Raises:
+        UserError: an unknown field (named, with the known ones), or a value of the wrong type or out of range (named
+            with its field and flag, as the flag's own check says it).
+    """
+    import dataclasses
+    import typing
+
+    from ..config import coerce
+    from ..errors import UserError
+
+    hints = typing.get_type_hints(SamplingParams)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        raise UserError(f"unknown sampling field(s) {names}; the fields are: {', '.join(hints)}")
+    return dataclasses.replace(base, **{k: coerce(k, hints[k], v) for k, v in values.items()})

@@ -12,6 +12,7 @@ class SourceFacts:
 
     fingerprint: str
     context_length: int
+    tokenizer: object = None  # the model's tokenizer (chat jobs render a probe conversation with it)
 
 
 def inspect_source(
@@ -33,11 +34,11 @@ def inspect_source(
         model, tok = load_model(
             source, device="cpu", tokenizer=tokenizer, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
         )
-        return SourceFacts(model_fingerprint(model, tok, folder), context_length(model.config))
+        return SourceFacts(model_fingerprint(model, tok, folder), context_length(model.config), tok)
     tok = load_tokenizer(tokenizer or folder, trust_remote_code=trust_remote_code)
     config = load_config(folder, trust_remote_code)
     fingerprint = combine(weights_digest(None, folder), config_digest(config), tokenizer_fingerprint(tok))
-    return SourceFacts(fingerprint, context_length(config))
+    return SourceFacts(fingerprint, context_length(config), tok)
 
 
 def package_versions() -> dict[str, str]:

@@ -1,0 +1,110 @@
+"""A shard's input rows as generation work: each row's prompt, its sampling params, or what is wrong with it.
+
+The prompt is the row's prompt column, or, for a chat job, its conversation rendered with the job's template (the
+rendered text is what is generated from and what the output's `prompt` column holds, so replay needs no template).
+The params are the job's, with the row's `--params-column` values over them: a struct, or JSON text of an object;
+a null row, or a null field, keeps the job's value. Every value is checked with the rules of its flag.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from ..generation.params import SamplingParams, with_overrides
+from ..generation.prompts import prompt_error
+from .manifest import JobSpec
+
+
+@dataclass
+class RowWork:
+    """Per input row: the prompt to generate from (None when it has none), the effective params (None when the
+    row's own are invalid) and the error of each bad row."""
+
+    prompts: list[str | None]
+    params: list[SamplingParams | None]
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+def decode_column(column, origins: list[str], what: str) -> tuple[list, dict[int, str]]:
+    """A column's Python values, and {row: error} for rows holding text that is not valid UTF-8 (null values)."""
+    try:
+        return column.to_pylist(), {}
+    except UnicodeDecodeError:
+        pass
+    values, errors = [], {}
+    for r in range(len(column)):
+        try:
+            values.append(column[r].as_py())
+        except UnicodeDecodeError as exc:
+            values.append(None)
+            errors[r] = f"{what} is not valid UTF-8 ({exc.reason} at byte {exc.start}) in {origins[r]}"
+    return values, errors
+
+
+def _json(value, what: str):
+    """A value as given (a struct or list), or parsed from JSON text; (value, error)."""
+    if not isinstance(value, str):
+        return value, None
+    try:
+        return json.loads(value), None
+    except json.JSONDecodeError as exc:
+        return None, f"{what} is not valid JSON ({exc.msg} at character {exc.pos})"
+
+
+def row_params(base: SamplingParams, value, column: str) -> tuple[SamplingParams | None, str | None]:
+    """The row's effective params: `base` with the row's non-null fields over it; (params, None) or (None, error)."""
+    what = f"--params-column {column!r}"
+    value, err = _json(value, what)
+    if err is not None:
+        return None, err
+    if value is None:
+        return base, None
+    if not isinstance(value, dict):
+        return None, f"{what} must hold an object of sampling fields, got {type(value).__name__}"
+    try:
+        return with_overrides(base, {k: v for k, v in value.items() if v is not None}), None
+    except UserError as exc:
+        return None, f"{what}: {exc}"
+
+
+def prepare_rows(job: JobSpec, table, origins: list[str], tokenizer) -> RowWork:
+    """Each row's prompt (rendered, for a chat job) and effective params, or its error (the first thing wrong)."""
+    ident = job.identity
+    cols, chat = ident.columns, ident.chat
+    base = SamplingParams(**ident.sampling)
+    source = cols.messages if chat is not None and chat.mode == "messages" else cols.prompt
+    raw, errors = decode_column(table.column(source), origins, "messages" if source == cols.messages else "prompt")
+    n = len(raw)
+    prompts: list = list(raw)
+    if chat is not None:
+        from ..generation.chat import ChatRenderer
+
+        renderer = ChatRenderer(tokenizer, system_prompt=chat.system_prompt, template=job.chat_template)
+        for r in range(n):
+            if r in errors:
+                prompts[r] = None
+                continue
+            if chat.mode == "messages":
+                messages, err = _json(raw[r], "messages")
+                text, err = (None, err) if err else renderer.render(messages)
+            else:
+                err = prompt_error(raw[r])
+                text, err = (None, err) if err else renderer.render_user(raw[r])
+            if err is None:
+                prompts[r] = text
+            else:  # a bad --chat row keeps its prompt text in the output; a bad conversation has none
+                errors[r] = err
+                prompts[r] = raw[r] if chat.mode == "prompt" else None
+    for r in range(n):
+        if r not in errors and (err := prompt_error(prompts[r])) is not None:
+            errors[r] = err
+    params: list = [base] * n
+    if cols.params:
+        values, bad = decode_column(table.column(cols.params), origins, f"--params-column {cols.params!r}")
+        for r in range(n):
+            params[r], err = (None, bad[r]) if r in bad else row_params(base, values[r], cols.params)
+            if err is not None:
+                errors.setdefault(r, err)
+    return RowWork(prompts, params, errors)

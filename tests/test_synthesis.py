@@ -1,0 +1,461 @@
+"""Dataset synthesis: chat messages, per-row sampling params, log-probabilities and JSONL input, end to end.
+
+One Ray job (`synth`) carries every feature at once; what needs no cluster runs shard by shard in this process
+through `run_shard` (`run_here`), which writes the same files a Ray job does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from aitextgen_batch.batch.api import (
+    GenerateConfig,
+    _build_job,
+    _numerics,
+    _prepare_output,
+    check_job,
+    engine_options,
+    generate_dataset,
+)
+from aitextgen_batch.batch.manifest import JobSpec
+from aitextgen_batch.batch.shard import run_shard
+from aitextgen_batch.batch.verify import replay_row, verify_output
+from aitextgen_batch.cli import main
+from aitextgen_batch.config import build_config
+from aitextgen_batch.errors import UserError
+from aitextgen_batch.generation.params import SamplingParams
+from aitextgen_batch.storage import Location
+from tests.conftest import WORDS
+from tests.test_chat import TEMPLATE
+
+BASE_SAMPLING = {"max_new_tokens": 6, "temperature": 1.0, "top_k": 0}
+BASE = {**BASE_SAMPLING, "quiet": True}
+SYSTEM = "Be brief."
+# Per-row params, by row: None keeps the job's.
+VARIANTS = [
+    None,
+    {"temperature": 0.5, "max_new_tokens": 4},
+    {"temperature": 1.3, "max_new_tokens": 9, "num_return_sequences": 2},
+    {"temperature": 0.5, "max_new_tokens": 9},
+    {"temperature": 1.3, "max_new_tokens": 4, "top_k": 20},
+]
+GOOD_ROWS = 30
+BAD_ROWS = {  # id -> (messages, params, the error row's message)
+    "bad-role": ([{"role": "wizard", "content": "hi"}], None, "message 0 has role 'wizard'"),
+    "bad-content": ([{"role": "user", "content": None}], None, "message 0 (user) content must be a string"),
+    "bad-empty": ([], None, "messages is an empty list"),
+    "bad-temp": (
+        [{"role": "user", "content": "the fox"}],
+        {"temperature": -1.0},
+        "--params-column 'params': temperature (--temperature) must be >= 0.0, got -1.0",
+    ),
+    "bad-max": (
+        [{"role": "user", "content": "the fox"}],
+        {"max_new_tokens": 0},
+        "--params-column 'params': max_new_tokens (--max-new-tokens) must be >= 1, got 0",
+    ),
+}
+
+
+def conversation(i: int) -> list[dict]:
+    words = " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(2 + i % 6))
+    if i % 3 == 1:
+        return [{"role": "system", "content": "Talk like a fox."}, {"role": "user", "content": words}]
+    if i % 3 == 2:
+        return [
+            {"role": "user", "content": "the dog"},
+            {"role": "assistant", "content": "jumps"},
+            {"role": "user", "content": words},
+        ]
+    return [{"role": "user", "content": words}]
+
+
+def variant(i: int) -> dict | None:
+    return VARIANTS[(i // 2) % len(VARIANTS)]
+
+
+def synth_rows() -> list[dict]:
+    rows = [
+        {"id": f"row-{i:03d}", "messages": conversation(i), "params": variant(i), "topic": WORDS[i % len(WORDS)]}
+        for i in range(GOOD_ROWS)
+    ]
+    rows += [{"id": k, "messages": m, "params": p, "topic": "bad"} for k, (m, p, _) in BAD_ROWS.items()]
+    return rows
+
+
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def write_parquet(path: Path, rows: list[dict], params: bool = True) -> Path:
+    table = pa.table({"id": [r["id"] for r in rows], "messages": pa.array([r["messages"] for r in rows], MESSAGES)})
+    if params:
+        table = table.append_column("params", pa.array([r["params"] for r in rows]))
+    table = table.append_column("topic", pa.array([r["topic"] for r in rows]))
+    pq.write_table(table, path)
+    return path
+
+
+def chat_flags(template_file: Path) -> dict:
+    return {
+        "messages_column": "messages",
+        "system_prompt": SYSTEM,
+        "chat_template": str(template_file),
+        "logprobs": True,
+        "return_tokens": True,
+        "keep_columns": ["topic"],
+    }
+
+
+@pytest.fixture(scope="module")
+def template_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "chat.jinja"
+    path.write_text(TEMPLATE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def synth_input(tmp_path_factory) -> Path:
+    return write_parquet(tmp_path_factory.mktemp("synth-in") / "chats.parquet", synth_rows())
+
+
+def run_synth(out: Path, model: Path, inp: Path, template_file: Path, **layout):
+    """The Ray job with every feature (chat messages, a system prompt, per-row params, logprobs and tokens)."""
+    s = generate_dataset(
+        input=str(inp),
+        output=str(out),
+        model=str(model),
+        params_column="params",
+        **layout,
+        **chat_flags(template_file),
+        **BASE,
+    )
+    assert s.status == "complete" and s.error_rows == len(BAD_ROWS)
+    return s
+
+
+@pytest.fixture(scope="module")
+def synth(ray_local, tiny_model_dir, synth_input, template_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "out"
+    run_synth(out, tiny_model_dir, synth_input, template_file, num_actors=2, shard_rows=16, batch_size=16)
+    return out
+
+
+def cpu_engine(model: str):
+    """The engine a CPU job of `model` runs (same model, dtype and shapes)."""
+    from aitextgen_batch.batch.manifest import ModelSpec
+    from aitextgen_batch.generation.options import EngineConfig
+
+    cfg = build_config(GenerateConfig, {"input": "x", "output": "y", "model": model})
+    return EngineConfig(**engine_options(ModelSpec(model, None, False, False), _numerics(cfg, "cpu"))).build()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return cpu_engine(str(tiny_model_dir))
+
+
+def run_here(engine, **options) -> Path:
+    """A job run in this process, shard by shard through `run_shard`: the files a Ray job writes, without Ray."""
+    cfg = build_config(GenerateConfig, {**BASE, "model": engine.source, **options})
+    checked = check_job(cfg)
+    try:
+        job = _build_job(cfg, checked, _numerics(cfg, "cpu"))
+        assert job.identity.model_fingerprint == engine.fingerprint
+        pending, _, _ = _prepare_output(cfg, job, Location(job.output), time.time(), checked.inputs.staged)
+        for shard in pending:
+            run_shard(engine, job, shard, cfg.batch_size)
+    finally:
+        checked.cleanup()
+    return Path(cfg.output)
+
+
+def read(out: Path) -> pd.DataFrame:
+    df = pd.read_parquet(out)
+    assert not df.duplicated(["id", "sample_index"]).any()
+    return df.set_index(["id", "sample_index"]).sort_index()
+
+
+def test_chat_rows_are_rendered_with_the_template_and_system_prompt(synth, tokenizer_dir):
+    from aitextgen_batch.models.loading import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    df = read(synth)
+    for i in range(GOOD_ROWS):
+        messages = conversation(i)
+        if messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": SYSTEM}, *messages]
+        want = tok.apply_chat_template(messages, chat_template=TEMPLATE, add_generation_prompt=True, tokenize=False)
+        row = df.loc[(f"row-{i:03d}", 0)]
+        assert row.prompt == want and row.num_prompt_tokens == len(tok(want, add_special_tokens=False).input_ids)
+    assert df.loc[("row-001", 0)].prompt.startswith("<|system|>Talk like a fox.\n<|user|>")  # the row's own system
+    assert df.loc[("row-000", 0)].prompt.startswith(f"<|system|>{SYSTEM}\n<|user|>")
+    job = json.loads((synth / "_job.json").read_text())
+    chat = job["identity"]["chat"]
+    assert chat == {
+        "mode": "messages",
+        "template_sha256": hashlib.sha256(TEMPLATE.encode()).hexdigest(),
+        "system_prompt": SYSTEM,
+    }
+    assert job["chat_template"] == TEMPLATE and job["identity"]["columns"]["params"] == "params"
+    # a manifest written before these fields existed still loads, with defaults that mean "none of them"
+    for key in ("chat", "logprobs", "return_tokens"):
+        del job["identity"][key]
+    for key in ("messages", "params"):
+        del job["identity"]["columns"][key]
+    del job["chat_template"]
+    for f in job["files"]:
+        del f["staged"]
+    old = JobSpec.from_json(job)
+    assert old.identity.chat is None and not old.identity.logprobs and old.files[0].parquet == old.files[0].path
+
+
+def test_per_row_params_and_bad_rows(synth):
+    df = read(synth)
+    for i in range(GOOD_ROWS):
+        v = variant(i) or {}
+        k = v.get("num_return_sequences", 1)
+        rows = df.loc[f"row-{i:03d}"]
+        assert list(rows.index) == list(range(k)) and (rows.finish_reason != "error").all()
+        params = json.loads(rows.params.iloc[0])
+        assert params == {**params, **{"max_new_tokens": 6, "temperature": 1.0, "top_k": 0, **v}}
+        assert (rows.num_generated_tokens <= params["max_new_tokens"]).all()
+    for key, (_, _, error) in BAD_ROWS.items():
+        row = df.loc[(key, 0)]
+        assert row.finish_reason == "error" and error in row.error and row.text == ""
+        assert pd.isna(row.cumulative_logprob) and row.token_ids is None and row.token_logprobs is None
+    assert pd.isna(df.loc[("bad-temp", 0)].params) and json.loads(df.loc[("bad-role", 0)].params)["top_k"] == 0
+    assert pd.isna(df.loc[("bad-role", 0)].prompt) and df.loc[("bad-temp", 0)].prompt.endswith("<|assistant|>")
+    assert list(df.columns[-5:]) == ["params", "cumulative_logprob", "token_ids", "token_logprobs", "topic"]
+
+
+def test_logprobs_equal_a_full_forward_recomputation(synth, engine):
+    import torch
+
+    df = read(synth)
+    df = df[df.finish_reason != "error"]
+    assert set(df.finish_reason) >= {"eos", "length"} or set(df.finish_reason) == {"length"}
+    for row in df.iloc[::3].itertuples():
+        generated = list(row.token_ids)
+        assert len(generated) == len(row.token_logprobs) == row.num_generated_tokens
+        assert (generated[-1] == engine.eos_id) == (row.finish_reason == "eos")
+        ids = engine.tokenizer(row.prompt, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([ids + generated])).logits[0, len(ids) - 1 : -1].double()
+        want = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(generated)[:, None])[:, 0]
+        assert np.allclose(row.token_logprobs, want.numpy(), atol=1e-5)
+        assert abs(row.cumulative_logprob - float(want.sum())) < 1e-5 and row.cumulative_logprob < 0
+
+
+def test_mixed_params_job_equals_single_params_jobs(synth, engine, template_file, tmp_path):
+    """The rows of each variant, run as a job of their own with that variant's flags, give the same bytes."""
+    mixed = read(synth)
+    rows = synth_rows()[:GOOD_ROWS]
+    for n, v in enumerate(VARIANTS):
+        subset = [r for i, r in enumerate(rows) if variant(i) == v]
+        inp = write_parquet(tmp_path / f"v{n}.parquet", subset, params=False)
+        out = run_here(
+            engine, input=str(inp), output=str(tmp_path / f"out{n}"), **chat_flags(template_file), **(v or {})
+        )
+        alone = read(out)
+        assert len(alone) == sum((v or {}).get("num_return_sequences", 1) for _ in subset)
+        cols = ["prompt", "seed", "text", "finish_reason", "num_prompt_tokens", "cumulative_logprob"]
+        pd.testing.assert_frame_equal(alone[cols], mixed.loc[alone.index, cols])
+        for name in ("token_ids", "token_logprobs"):
+            assert [list(x) for x in alone[name]] == [list(x) for x in mixed.loc[alone.index, name]]
+
+
+def test_rows_replay_alone_and_verify_passes(synth):
+    for item, k in [("row-000", 0), ("row-004", 1), ("row-007", 0)]:  # no params, a second sample, T=0.5/4 tokens
+        row, res, match = replay_row(synth, item, k)
+        assert match and res.text == row["text"] and res.cumulative_logprob == row["cumulative_logprob"]
+    assert main(["replay", "--output", str(synth), "--id", "row-005", "--sample-index", "1"]) == 0
+    rows = GOOD_ROWS + len(BAD_ROWS) + sum(1 for i in range(GOOD_ROWS) if variant(i) is VARIANTS[2])
+    report = verify_output(synth, sample=rows)
+    assert (report["rows"], report["expected_rows"], report["checked"]) == (rows, rows, rows - len(BAD_ROWS))
+    assert not (report["mismatches"] or report["duplicates"] or report["missing"] or report["unexpected"])
+
+
+def test_verify_fails_on_tampered_logprobs_and_missing_samples(synth, tmp_path):
+    out = tmp_path / "tampered"
+    shutil.copytree(synth, out)
+    job = json.loads((out / "_job.json").read_text())
+    job["output"] = str(out)
+    (out / "_job.json").write_text(json.dumps(job))
+
+    def rewrite(shard: int, change) -> None:
+        part = out / f"part-{shard:05d}.parquet"
+        table = change(pq.read_table(part))
+        pq.write_table(table, part)
+        record = json.loads((out / "_done" / f"{shard:05d}.json").read_text())
+        blob = part.read_bytes()
+        record.update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest(), rows_out=table.num_rows)
+        (out / "_done" / f"{shard:05d}.json").write_text(json.dumps(record))
+
+    def nudge(t):
+        values = t.column("cumulative_logprob").to_pylist()
+        values[0] += 1e-9
+        return t.set_column(t.schema.get_field_index("cumulative_logprob"), "cumulative_logprob", pa.array(values))
+
+    rewrite(0, nudge)
+    report = verify_output(out, sample=1000)
+    assert report["mismatches"] == 1 and report["missing"] == 0
+    # a second sample of a two-sample row dropped: missing, though every id is there
+    rewrite(1, lambda t: t.filter(pa.compute.not_equal(t.column("sample_index"), 1)))
+    report = verify_output(out, sample=1)
+    assert report["missing"] >= 1 and report["rows"] == report["expected_rows"] - report["missing"]
+
+
+def test_same_rows_across_actor_counts_shards_and_batch_sizes(
+    synth, tiny_model_dir, synth_input, template_file, tmp_path
+):
+    out = tmp_path / "out"
+    s = run_synth(out, tiny_model_dir, synth_input, template_file, num_actors=1, shard_rows=20, batch_size=3)
+    assert s.shards == 2 and s.actors == 1
+    a, b = read(synth), read(out)
+    pd.testing.assert_frame_equal(
+        a.drop(columns=["token_ids", "token_logprobs"]), b.drop(columns=["token_ids", "token_logprobs"])
+    )
+    assert [list(x) for x in a.token_logprobs.dropna()] == [list(x) for x in b.token_logprobs.dropna()]
+
+
+def test_cpu_rows_replay_with_the_thread_count_that_made_them(tmp_path):
+    """On a CPU a matmul splits its sums by thread count: the default model's logprobs differ between 1 and 2
+    threads (its text did not). Each shard records its count, and replay and verify re-generate with it."""
+    import torch
+
+    engine = cpu_engine("")
+    inp = tmp_path / "p.jsonl"
+    write_jsonl(inp, [{"prompt": f"The {w} is"} for w in WORDS[:6]])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out = run_here(engine, input=str(inp), output=str(tmp_path / "out"), logprobs=True, model="")
+        torch.set_num_threads(2)
+        assert json.loads((out / "_done" / "00000.json").read_text())["threads"] == 1
+        report = verify_output(out, sample=6)
+        assert (report["checked"], report["mismatches"]) == (6, 0)
+        row, res, match = replay_row(out, "p.jsonl:2")
+        assert match and res.cumulative_logprob == row["cumulative_logprob"] and torch.get_num_threads() == 2
+        again = engine.generate(
+            [row["prompt"]], [row["seed"]], SamplingParams(**{**BASE_SAMPLING, "num_return_sequences": 1}), 1
+        )[0]
+        assert again.text == row["text"] and again.cumulative_logprob != row["cumulative_logprob"]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_chat_job_identity_changes_are_refused(synth, tiny_model_dir, synth_input, template_file, tmp_path):
+    flags = {**chat_flags(template_file), **BASE, "params_column": "params", "shard_rows": 16}
+    common = {"input": str(synth_input), "output": str(synth), "model": str(tiny_model_dir)}
+    with pytest.raises(UserError, match=r"holds a job made with a different chat .*'system_prompt': 'Be brief.'"):
+        generate_dataset(**common, **{**flags, "system_prompt": "Be long."})
+    other = tmp_path / "other.jinja"
+    other.write_text(TEMPLATE.replace("<|assistant|>", "<|bot|>"))
+    with pytest.raises(UserError, match=r"different chat .*template_sha256.*--overwrite"):
+        generate_dataset(**common, **{**flags, "chat_template": str(other)})
+
+
+def test_chat_without_a_template_is_refused_before_ray(tiny_model_dir, synth_input, tmp_path):
+    out = tmp_path / "out"
+    opts = {"input": str(synth_input), "output": str(out), "model": str(tiny_model_dir), **BASE}
+    for kind in ({"messages_column": "messages"}, {"chat": True, "prompt_column": "id"}):
+        with pytest.raises(UserError, match=r"tokenizer has no chat template.*pass --chat-template FILE"):
+            check_job(build_config(GenerateConfig, {**opts, **kind}))  # what runs before Ray is joined
+        with pytest.raises(UserError, match=r"tokenizer has no chat template"):
+            generate_dataset(**opts, **kind)
+    assert not out.exists()
+    with pytest.raises(UserError, match=r"system_prompt \(--system-prompt\) is for chat input: add --chat"):
+        build_config(GenerateConfig, {**opts, "system_prompt": "x"})
+    with pytest.raises(UserError, match=r"chat \(--chat\) and --messages-column both"):
+        build_config(GenerateConfig, {**opts, "chat": True, "messages_column": "messages"})
+    # a params struct with a field that is not a sampling field would fail every row: refused up front
+    pq.write_table(pa.table({"prompt": ["a"], "p": [{"temprature": 1.0}]}), tmp_path / "p.parquet")
+    with pytest.raises(
+        UserError, match=r"p.parquet: the params column 'p' \(--params-column\) has field\(s\) \['temprature'\]"
+    ):
+        generate_dataset(**{**opts, "input": str(tmp_path / "p.parquet")}, params_column="p")
+
+
+def write_jsonl(path: Path, objects: list) -> Path:
+    path.write_text("".join((o if isinstance(o, str) else json.dumps(o)) + "\n" for o in objects))
+    return path
+
+
+def test_jsonl_input_gives_the_parquet_output(engine, template_file, tmp_path):
+    rows = synth_rows()[:12] + synth_rows()[-2:]
+    objects = [{k: v for k, v in r.items() if not (k == "params" and v is None)} for r in rows]
+    objects[3]["params"] = json.dumps(objects[3]["params"])  # JSON text of an object works too
+    inp = tmp_path / "in"
+    inp.mkdir()
+    write_jsonl(inp / "chats.jsonl", objects[:9] + [""] + objects[9:])  # a blank line is skipped
+    flags = {**chat_flags(template_file), "params_column": "params", "shard_rows": 5}
+    a = run_here(engine, input=str(inp), output=str(tmp_path / "a"), **flags)
+    b = run_here(
+        engine, input=str(write_parquet(tmp_path / "chats.parquet", rows)), output=str(tmp_path / "b"), **flags
+    )
+    pd.testing.assert_frame_equal(read(a), read(b))
+    job = json.loads((a / "_job.json").read_text())
+    assert job["files"][0]["staged"] == str(a / "_inputs" / "00000.parquet") and job["identity"]["inputs"] == [
+        ["chats.jsonl", 14]
+    ]
+    assert pq.read_table(a / "_inputs" / "00000.parquet").num_rows == 14
+    # --chat: the prompt key is one user message; ids derive from the file name and row; JSON params with a field
+    # that is not a sampling field, or not an object, make error rows naming what is wrong
+    plain = tmp_path / "plain.jsonl"
+    chat = {"input": str(plain), "chat": True, "chat_template": str(template_file), "params_column": "params"}
+    write_jsonl(plain, [{"prompt": "the quick fox"}, {"prompt": "seven wizards"}, {"prompt": 7}])
+    with pytest.raises(UserError, match=r"plain.jsonl line 3: 'prompt' \(--prompt-column\) must be a string, got 7"):
+        run_here(engine, output=str(tmp_path / "c"), **chat)
+    assert not (tmp_path / "c").exists()
+    lines = [{"prompt": "the quick fox", "params": {"temperature": 0.3}}, {"prompt": "seven wizards"}]
+    lines += [{"prompt": "a dog", "params": {"temprature": 0.3}}, {"prompt": "a dog", "params": "[1]"}]
+    write_jsonl(plain, lines)
+    c = run_here(engine, output=str(tmp_path / "c"), **chat)
+    df = read(c)
+    assert list(df.index.get_level_values(0)) == [f"plain.jsonl:{i}" for i in range(4)]
+    assert df.prompt.iloc[1] == "<|user|>seven wizards\n<|assistant|>"
+    assert list(df.finish_reason != "error") == [True, True, False, False]
+    assert df.error.iloc[2].startswith("--params-column 'params': unknown sampling field(s) 'temprature'; the fields")
+    assert df.error.iloc[3] == "--params-column 'params' must hold an object of sampling fields, got list"
+    row, res, match = replay_row(c, "plain.jsonl:0")
+    assert match and res.text == row["text"] and json.loads(row["params"])["temperature"] == 0.3
+
+
+def test_bad_jsonl_lines_are_named_before_anything_is_written(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    ok = {"id": "a", "prompt": "the fox", "n": 1}
+
+    def refuse(objects: list, match: str, **kw):
+        inp = write_jsonl(tmp_path / "bad.jsonl", objects)
+        with pytest.raises(UserError, match=match):
+            generate_dataset(input=str(inp), output=str(out), model=str(tiny_model_dir), **{**BASE, **kw})
+        assert not out.exists()
+
+    refuse([ok, ok, "{not json"], r"bad.jsonl line 3: not valid JSON \(Expecting property name")
+    refuse([ok, [1, 2]], r"bad.jsonl line 2: must be a JSON object \{\.\.\.\}, got a JSON array")
+    refuse([ok, {"id": "b", "prompt": ["x"]}], r"line 2: 'prompt' \(--prompt-column\) must be a string, got \[\"x\"\]")
+    refuse([ok, {"id": 2, "prompt": "x"}], r"line 2: 'id' \(--id-column\) is a int but earlier lines have string ids")
+    refuse([ok, {"prompt": "x"}], r"bad.jsonl line 2: no 'id' \(--id-column\) while other lines have one")
+    refuse(
+        [ok, {"id": "b", "prompt": "x", "s": "7"}], r"line 2: 's' \(--seed-column\) must be an integer", seed_column="s"
+    )
+    refuse(
+        [ok, {"id": "b", "prompt": "x", "n": "one"}],
+        r"line 2: 'n' \(--keep-columns\) does not fit the type of earlier lines \(int64\)",
+        keep_columns=["n"],
+    )
+    refuse([{"id": "a", "text": "x"}], r"bad.jsonl: no line has the key 'prompt' \(--prompt-column\)")
+    refuse([ok, {"id": "a", "prompt": "y"}], r"duplicate id 'a': .*bad.jsonl row 0 and .*bad.jsonl row 1")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "\xff"}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl line 2: not valid UTF-8"):
+        generate_dataset(input=str(tmp_path / "bad.jsonl"), output=str(out), model=str(tiny_model_dir), **BASE)
