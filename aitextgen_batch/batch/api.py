@@ -200,14 +200,16 @@ def _resources(cfg: GenerateConfig) -> Resources:
         threads = int(cfg.engine.threads or cpa)
         return Resources(n, cpa, gpa, threads, "cuda")
     # One single-threaded actor per CPU: measured faster than fewer actors with more threads each
-    # (jobs/benchmark_ray.py: 2 actors x 1 thread beat 1 actor x 2 threads by 1.4x on 2 CPUs).
+    # (jobs/benchmark_ray.py: 2 actors x 1 thread beat 1 actor x 2 threads by 1.4x on 2 CPUs). Threads stay 1 unless
+    # --threads says otherwise, whatever --num-actors is: a CPU matmul may split its sums across threads, so the thread
+    # count can change a row's last bits, and the actor count must not.
     n = cfg.num_actors or max(1, cpus)
     if n > cpus:
         raise UserError(
             f"--num-actors {n} needs at least {n} CPUs (one each) but the Ray cluster has {cpus}: the rest would "
             f"never start. Pass --num-actors {cpus} or fewer, or use a larger cluster (--address)"
         )
-    threads = int(cfg.engine.threads or max(1, cpus // n))
+    threads = int(cfg.engine.threads or 1)
     return Resources(n, float(min(threads, max(1, cpus // n))), 0.0, threads, "cpu")
 
 

@@ -192,7 +192,9 @@ class Engine:
             prefill_rows: rows per prefill (fixed shape). Part of the numerics too.
             refill: refill finished slots at once (speed only; never changes any text).
 
-        torch's CPU thread count is process-wide: set it in the entry point (results never depend on it).
+        torch's CPU thread count is process-wide: set it in the entry point. On CPU it can change a row's last bits
+        (a matmul may split its sums across threads; seen in logits and log-probabilities), so a job records it with
+        each shard and replay uses it; on CUDA it does not matter.
         """
         from ..models.loading import load_model, resolve_source
 
