@@ -24,6 +24,9 @@ from aitextgen_batch.errors import UserError
 from tests.conftest import WORDS, free_port
 
 BASE = {"max_new_tokens": 6, "temperature": 1.0, "top_k": 0, "quiet": True}
+# Jobs that do not test Ray itself run in this process (`--in-process`, the same job layer and files): an actor
+# process costs ~5 s of CPU to import torch and transformers, and the suite runs on 2 cores.
+HERE = {**BASE, "in_process": True}
 # the reference job's layout: two actors, two shards, two samples per row (the killed-driver run, whose texts must
 # equal the reference's, uses one actor)
 REF = {
@@ -141,6 +144,19 @@ def test_text_identical_across_actors_shards_and_batch_size(reference, tiny_mode
     assert s["status"] == "complete" and s["shards"] == 12
     got = texts(out)
     assert len(got) == 160 and got == {k: v for k, v in ref.items() if k in got}
+    # without Ray (--in-process), the other 40 rows, in yet another layout: the same bytes
+    s = generate_dataset(
+        input=f"{prompts_dir}/part2.parquet",
+        output=str(tmp_path / "here"),
+        model=str(tiny_model_dir),
+        shard_rows=9,
+        num_return_sequences=2,
+        in_process=True,
+        **BASE,
+    )
+    assert s["status"] == "complete" and s["shards"] == 5 and s["actors"] == 1
+    here = texts(tmp_path / "here")
+    assert len(here) == 80 and here == {k: v for k, v in ref.items() if k in here}
 
 
 def test_rerun_skips_finished_shards_and_refuses_other_params(reference, tiny_model_dir, prompts_dir):
@@ -183,6 +199,7 @@ def test_overwrite_starts_again(reference, tiny_model_dir, prompts_dir, tmp_path
         output=str(out),
         model=str(tiny_model_dir),
         overwrite=True,
+        in_process=True,
         **{**REF, "max_new_tokens": 3},
     )
     assert s["status"] == "complete" and s["shards_skipped"] == 0 and s["shards_done"] == 2
@@ -275,7 +292,7 @@ def test_bad_rows_become_error_rows(tiny_model_dir, tmp_path, ray_local):
     prompts = [b"the fox", None, b"", b"   ", " ".join(["zebras"] * 400).encode(), b"a dog", b"the \xff\xfe dog"]
     pq.write_table(pa.table({"id": list(range(7)), "prompt": _invalid_utf8_strings(prompts)}), inp)
     out = tmp_path / "out"
-    s = generate_dataset(input=str(inp), output=str(out), model=str(tiny_model_dir), **BASE)
+    s = generate_dataset(input=str(inp), output=str(out), model=str(tiny_model_dir), **HERE)
     assert s["status"] == "complete" and s["rows"] == 7 and s["error_rows"] == 5
     df = pd.read_parquet(out).set_index("id").sort_index()
     assert list(df.finish_reason) == ["length", "error", "error", "error", "error", "length", "error"]
@@ -291,7 +308,7 @@ def test_a_job_whose_every_row_failed_is_not_a_success(tiny_model_dir, tmp_path,
     inp = tmp_path / "empty-prompts.parquet"
     pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["", "  "]}), inp)
     out = tmp_path / "out"
-    s = generate_dataset(input=str(inp), output=str(out), model=str(tiny_model_dir), **BASE)
+    s = generate_dataset(input=str(inp), output=str(out), model=str(tiny_model_dir), **HERE)
     assert s.status == "failed" and s.error_rows == s.rows == 2  # `generate` exits 1 unless the status is complete
     job = json.loads((out / "_job.json").read_text())
     assert job["status"] == "failed" and job["summary"]["error_rows"] == 2
@@ -407,9 +424,10 @@ def test_truncated_part_file_is_noticed_and_redone(reference, tiny_model_dir, pr
     capsys.readouterr()
     assert main(["verify", "--output", str(out), "--sample", "1"]) == 1  # it used to die with an ArrowInvalid traceback
     assert "damaged: part-00001.parquet differs from its completion record" in capsys.readouterr().out
-    s = generate_dataset(input=str(prompts_dir), output=str(out), model=str(tiny_model_dir), **REF)
-    assert (s["status"], s["shards_skipped"], s["shards_done"]) == ("complete", 1, 2)  # not trusted: redone
-    assert part.read_bytes() == whole  # byte-identical
+    # redone without Ray (--in-process: the same job, another executor): not trusted, redone, byte-identical
+    s = generate_dataset(input=str(prompts_dir), output=str(out), model=str(tiny_model_dir), in_process=True, **REF)
+    assert (s["status"], s["shards_skipped"], s["shards_done"]) == ("complete", 1, 2)
+    assert part.read_bytes() == whole
     assert texts(out) == texts(reference)
 
 
@@ -473,7 +491,7 @@ def test_ids_derive_from_file_and_row_when_absent(tiny_model_dir, tmp_path, ray_
     inp.mkdir()
     pq.write_table(pa.table({"prompt": ["the fox", "a dog", "seven wizards"]}), inp / "x.parquet")
     out = tmp_path / "out"
-    generate_dataset(input=str(inp), output=str(out), model=str(tiny_model_dir), seed=3, **BASE)
+    generate_dataset(input=str(inp), output=str(out), model=str(tiny_model_dir), seed=3, **HERE)
     df = pd.read_parquet(out)
     assert sorted(df.id) == ["x.parquet:0", "x.parquet:1", "x.parquet:2"]
     row, res, match = replay_row(out, "x.parquet:1")
@@ -486,7 +504,7 @@ def test_seed_column_is_used(tiny_model_dir, tmp_path, ray_local, capsys):
     inp = tmp_path / "s.parquet"
     pq.write_table(pa.table({"id": [1, 2], "prompt": ["the fox", "the fox"], "s": [11, 11]}), inp)
     out = tmp_path / "out"
-    generate_dataset(input=str(inp), output=str(out), model=str(tiny_model_dir), seed_column="s", **BASE)
+    generate_dataset(input=str(inp), output=str(out), model=str(tiny_model_dir), seed_column="s", **HERE)
     df = pd.read_parquet(out).sort_values("id")
     assert list(df.seed) == [11, 11] and df.text.iloc[0] == df.text.iloc[1]
     eng = Engine.from_pretrained(str(tiny_model_dir), device="cpu")
@@ -517,7 +535,7 @@ def test_repeatedly_failing_shard_is_marked_failed_and_the_rest_finishes(tiny_mo
     (inp / "part1.parquet").write_bytes(bytes(raw))
     out = tmp_path / "out"
     s = generate_dataset(
-        input=str(inp), output=str(out), model=str(tiny_model_dir), shard_rows=10, max_shard_attempts=2, **BASE
+        input=str(inp), output=str(out), model=str(tiny_model_dir), shard_rows=10, max_shard_attempts=2, **HERE
     )
     assert s["status"] == "failed" and s["shards_done"] == 1 and s["shards_failed"] == 1
     assert "failed 2 times" in s["failed"]["1"]

@@ -79,6 +79,10 @@ class GenerateConfig:
         default=None, metadata={"help": "Ray cluster address; default: $RAY_ADDRESS, else start a local Ray"}
     )
     max_shard_attempts: int = field(default=3, metadata={"help": "tries per shard before it is marked failed"})
+    in_process: bool = field(
+        default=False,
+        metadata={"help": "run the shards one by one in this process, without Ray (small jobs, notebooks, debugging)"},
+    )
     overwrite: bool = field(default=False, metadata={"help": "delete an existing job in --output and start over"})
     quiet: bool = field(default=False, metadata={"help": "log lines instead of a live progress bar"})
 
@@ -173,6 +177,14 @@ class CheckedJob:
     def cleanup(self) -> None:
         if self.staging is not None:
             self.staging.cleanup()
+
+
+def _local_resources(cfg: GenerateConfig) -> Resources:
+    """`--in-process`: this process is the one worker, on its own CUDA device when it has one."""
+    from ..models.loading import default_device
+
+    device = (cfg.engine.device or default_device()).split(":")[0]
+    return Resources(1, 0.0, 0.0, int(cfg.engine.threads or 1), device)
 
 
 def _resources(cfg: GenerateConfig) -> Resources:
@@ -362,6 +374,8 @@ def generate_dataset(config: GenerateConfig | None = None, **options) -> JobSumm
     cfg = config or build_config(GenerateConfig, options)
     checked = check_job(cfg)
     try:
+        if cfg.in_process:
+            return _run(cfg, checked)
         started = connect_ray(cfg.address)
         try:
             return _run(cfg, checked)
@@ -388,10 +402,10 @@ class _Outcome:
 
 def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
     from .progress import JobProgress
-    from .runner import run_shards, start_actors, stop_actors
+    from .runner import run_shards, run_shards_here, start_actors, stop_actors
 
     t0 = time.time()
-    res = _resources(cfg)
+    res = _local_resources(cfg) if cfg.in_process else _resources(cfg)
     job = _build_job(cfg, checked, _numerics(cfg, res.device))
     out = Location(job.output)
     pending, skipped, records = _prepare_output(cfg, job, out, t0, checked.inputs.staged)
@@ -400,7 +414,7 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
     progress = JobProgress(len(job.shards), total_rows, quiet=cfg.quiet, already=[r for r in records.values() if r])
     actors: list = []
     try:
-        if pending:
+        if pending and not cfg.in_process:
             n = min(res.num_actors, len(pending))
             options = {**engine_options(job.model, job.identity.engine), "refill": cfg.engine.refill}
             actors = start_actors(options, n, res.cpus_per_actor, res.gpus_per_actor, res.threads)
@@ -415,16 +429,12 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
 
         with progress:
             if pending:
-                stats = run_shards(
-                    actors,
-                    job,
-                    pending,
-                    batch_size=cfg.batch_size,
-                    max_attempts=cfg.max_shard_attempts,
-                    on_done=done,
-                    on_fail=fail,
-                    on_tick=progress.tick,
-                )
+                run = dict(batch_size=cfg.batch_size, max_attempts=cfg.max_shard_attempts, on_done=done, on_fail=fail)
+                if cfg.in_process:
+                    options = {**engine_options(job.model, job.identity.engine), "refill": cfg.engine.refill}
+                    stats = run_shards_here(options, res.threads, job, pending, **run)
+                else:
+                    stats = run_shards(actors, job, pending, on_tick=progress.tick, **run)
                 outcome.actors = stats.actors_started
                 outcome.actor_restarts, outcome.retries = stats.actor_restarts, stats.retries
     finally:

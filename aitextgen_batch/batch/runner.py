@@ -37,28 +37,32 @@ class GenerationWorker:
     def __init__(self, engine_options: dict, threads: int | None):
         import torch
 
-        from ..generation.options import EngineConfig
         from ..models.loading import quiet_transformers
 
         quiet_transformers()
         if threads:
             torch.set_num_threads(threads)
-        self.engine = EngineConfig(**engine_options).build()
+        self.engine = _build_engine(engine_options)
 
     def ready(self) -> str:
         """Answered once the engine is loaded: the scheduler hands shards only to actors that answered."""
         return self.engine.fingerprint
 
     def run(self, job: JobSpec, shard_index: int, batch_size: int) -> DoneRecord:
-        from .shard import run_shard
+        return _run_checked(self.engine, job, shard_index, batch_size)
 
-        want = job.identity.model_fingerprint
-        if self.engine.fingerprint != want:
-            raise RuntimeError(
-                f"model fingerprint {self.engine.fingerprint} on this worker differs from the "
-                f"job's {want}: the model files differ between nodes"
-            )
-        return run_shard(self.engine, job, shard_index, batch_size)
+
+def _run_checked(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRecord:
+    """`run_shard`, once the engine is known to hold the job's model."""
+    from .shard import run_shard
+
+    want = job.identity.model_fingerprint
+    if engine.fingerprint != want:
+        raise RuntimeError(
+            f"model fingerprint {engine.fingerprint} on this worker differs from the "
+            f"job's {want}: the model files differ between nodes"
+        )
+    return run_shard(engine, job, shard_index, batch_size)
 
 
 def start_actors(
@@ -182,6 +186,53 @@ def run_shards(
                 stats.retries += 1
                 queue.appendleft(s)
     return stats
+
+
+def run_shards_here(
+    engine_options: dict,
+    threads: int,
+    job: JobSpec,
+    pending: list[int],
+    *,
+    batch_size: int,
+    max_attempts: int,
+    on_done: Callable[[DoneRecord], None],
+    on_fail: Callable[[int, str], None],
+) -> RunStats:
+    """`run_shards` without Ray (`--in-process`): this process loads the engine and runs the shards one by one, with
+    the same retries. torch's thread count is set to the job's for the run (it is part of a CPU job's numerics) and
+    restored after."""
+    import torch
+
+    stats = RunStats()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        engine = _build_engine(engine_options)
+        stats.actors_started = 1
+        for s in pending:
+            for attempt in range(1, max_attempts + 1):
+                try:
+                    record = _run_checked(engine, job, s, batch_size)
+                # A shard's own failure (an unreadable file, a damaged page, ...), as a Ray task error would be;
+                # the cause is kept in the message.
+                except (RuntimeError, ValueError, OSError, KeyError, IndexError) as exc:
+                    if attempt == max_attempts:
+                        on_fail(s, f"failed {attempt} times; last error: {_first_line(exc)}")
+                    else:
+                        stats.retries += 1
+                    continue
+                on_done(record)
+                break
+    finally:
+        torch.set_num_threads(before)
+    return stats
+
+
+def _build_engine(engine_options: dict):
+    from ..generation.options import EngineConfig
+
+    return EngineConfig(**engine_options).build()
 
 
 def _first_line(exc: BaseException) -> str:
