@@ -222,9 +222,12 @@ def open_parquet(uri: str):
 def local_copy(uri: str, kind: str = "folder") -> Path:
     """Download a remote folder (a model or a token cache) once into the local cache and return its path.
 
-    The cache key is the URI; files are re-downloaded when their size changed. Local paths are returned
-    unchanged.
+    The cache key is the URI. A file is downloaded again when its size or modification time on the store changed
+    (a finetune rerun republishes weights of the same size under the same URI), and a local file the store no
+    longer has is removed. Local paths are returned unchanged.
     """
+    import json
+
     if not is_uri(uri):
         return Path(uri)
     dest = cache_root() / kind / hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -232,13 +235,29 @@ def local_copy(uri: str, kind: str = "folder") -> Path:
     names = loc.list(recursive=True)
     if not names:
         raise UserError(f"{uri} holds no files")
+    stamps_file = dest / STAMPS
+    try:
+        old = json.loads(stamps_file.read_text())
+    except (OSError, ValueError):
+        old = {}
+    stamps = {}
     for name in names:
-        target = dest / name
         info = loc.fs.get_file_info(loc.path(name))
-        if target.exists() and target.stat().st_size == info.size:
-            continue
-        write_file_atomic(target, loc.read_bytes(name))
+        # no modification time from the store: never trust the local copy
+        stamps[name] = [info.size, info.mtime_ns] if info.mtime_ns is not None else None
+        target = dest / name
+        if stamps[name] is None or old.get(name) != stamps[name] or not target.is_file():
+            with loc.fs.open_input_stream(loc.path(name)) as src, atomic_write(target) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    for stale in (p for p in dest.rglob("*") if p.is_file() and p != stamps_file):
+        name = stale.relative_to(dest).as_posix()
+        if name not in stamps and not (stale.name.startswith(".") and stale.name.endswith(".tmp")):
+            stale.unlink(missing_ok=True)
+    write_file_atomic(stamps_file, json.dumps(stamps).encode())
     return dest
+
+
+STAMPS = ".remote-stamps.json"  # in a local copy: each file's [size, mtime_ns] on the store when it was downloaded
 
 
 def upload_folder(local: str | Path, uri: str, last: tuple[str, ...] = ()) -> None:
@@ -255,6 +274,5 @@ def fetch_file(uri: str, dest_dir: str | Path) -> Path:
     fs, path = filesystem(uri)
     target = Path(dest_dir) / path.rsplit("/", 1)[-1]
     with fs.open_input_stream(path) as src, open(target, "wb") as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
+        shutil.copyfileobj(src, dst, 1 << 20)
     return target

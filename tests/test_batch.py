@@ -269,10 +269,10 @@ def test_killed_driver_loses_nothing_and_rerun_resumes(reference, tiny_model_dir
     kill_driver_after(cmd, lambda: len(list(out.glob("_done/*.json"))), 3)
     finished = len(list(out.glob("_done/*.json")))
     assert 3 <= finished < 8
-    # the rerun (in this process: the same `generate_dataset` the command runs) picks up where the killed one stopped
+    # the rerun (the same job layer, here in this process without Ray) picks up where the killed one stopped
     again = generate_dataset(
         input=str(prompts_dir / "part1.parquet"), output=str(out), model=str(tiny_model_dir), num_actors=1,
-        shard_rows=5, batch_size=4, num_return_sequences=2, **BASE,
+        shard_rows=5, batch_size=4, num_return_sequences=2, **HERE,
     )  # fmt: skip
     assert again["status"] == "complete"
     job = json.loads((out / "_job.json").read_text())

@@ -125,33 +125,6 @@ def test_killed_worker_resumes_from_last_save(two_worker_run, tmp_path, tiny_mod
     assert all(reference[k].equal(v) for k, v in _weights(out).items())
 
 
-@pytest.mark.slow
-def test_one_worker_rerun_resumes_with_frozen_layers(ray_local, tmp_path, tiny_model_dir, cache):
-    from aitextgen_batch.train import finetune
-
-    out = tmp_path / "one"
-    opts = dict(RUN, num_workers=1, save_every=5, generate_every=0, gradient_accumulation=2)
-    opts.update(freeze_embeddings=True, freeze_layers=1, gradient_checkpointing=True)
-    first = finetune(model=str(tiny_model_dir), dataset=cache, output=out, max_steps=10, **opts)
-    assert first["status"] == "complete" and first["step"] == 10 and first["resumed_from"] == [0]
-    again = finetune(model=str(tiny_model_dir), dataset=cache, output=out, max_steps=20, **opts)
-    assert again["status"] == "complete" and again["step"] == 20 and again["resumed_from"] == [10]
-    rows = _rows(out)
-    assert [int(r["step"]) for r in rows] == list(range(1, 21))
-    assert 5 < float(rows[0]["step_loss"]) < 7  # ~ln(400): the mean of the micro-batches, not of halves
-    assert not (out / "samples.jsonl").exists()
-    before, after = _weights(tiny_model_dir), _weights(out)
-    frozen = [k for k in before if k.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0."))]
-    assert frozen and all(before[k].equal(after[k]) for k in frozen)  # layer 0 included
-    assert not before["transformer.h.1.mlp.c_fc.weight"].equal(after["transformer.h.1.mlp.c_fc.weight"])
-    # finished: a rerun has nothing to train and starts no worker; changed run options are refused
-    assert finetune(model=str(tiny_model_dir), dataset=cache, output=out, max_steps=20, **opts)["step"] == 20
-    with pytest.raises(UserError, match=r"other options \(batch_size: 4 -> 2\)"):
-        finetune(model=str(tiny_model_dir), dataset=cache, output=out, max_steps=30, **{**opts, "batch_size": 2})
-    with pytest.raises(UserError, match="already trained to step 20"):
-        finetune(model=str(tiny_model_dir), dataset=cache, output=out, max_steps=15, **opts)
-
-
 def test_errors_before_any_worker_starts(tmp_path, tiny_model_dir, cache, corpus_file):
     from aitextgen_batch.data import TokenDataset
     from aitextgen_batch.tokenizer import train_tokenizer

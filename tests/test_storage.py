@@ -15,7 +15,7 @@ import pytest
 from aitextgen_batch.batch.api import generate_dataset
 from aitextgen_batch.batch.verify import verify_output
 from aitextgen_batch.storage import Location, upload_folder
-from tests.test_batch import BASE, generate_cmd, kill_driver_after, write_prompts
+from tests.test_batch import BASE, HERE, generate_cmd, kill_driver_after, write_prompts
 
 
 def _free_port() -> int:
@@ -74,7 +74,9 @@ def _reference_texts(model_dir, prompts_dir) -> dict:
 
 
 @pytest.mark.slow
-def test_generate_s3_to_s3_kill_resume_and_read_with_pandas(s3, ray_address, tiny_model_dir, tmp_path):
+def test_generate_s3_to_s3_kill_resume_and_read_with_pandas(s3, tiny_model_dir, tmp_path):
+    """A run killed while it writes to S3, then resumed. Ray is not the subject here (test_batch kills a Ray
+    driver): both runs are `--in-process`, the same job layer and files."""
     local_in = write_prompts(tmp_path / "in", n_files=2, rows=30)
     inp = "s3://bkt/prompts"
     upload_folder(local_in, inp)
@@ -82,13 +84,12 @@ def test_generate_s3_to_s3_kill_resume_and_read_with_pandas(s3, ray_address, tin
     upload_folder(tiny_model_dir, model)
 
     out = "s3://bkt/results/run1"
-    cmd = generate_cmd(input=inp, output=out, model=model, num_actors=1, shard_rows=5, address=ray_address)
+    cmd = generate_cmd(input=inp, output=out, model=model, shard_rows=5, in_process=True)
     loc = Location(out)
     kill_driver_after(cmd, lambda: len(loc.list("_done")), 2)
     finished = len(loc.list("_done"))
     assert 2 <= finished < 12
-    # the rerun (the same `generate_dataset` the command runs, here in-process) resumes
-    again = generate_dataset(input=inp, output=out, model=model, num_actors=1, shard_rows=5, **BASE)
+    again = generate_dataset(input=inp, output=out, model=model, shard_rows=5, **HERE)
     assert again["status"] == "complete" and again["shards_skipped"] >= finished
     assert not loc.list(pattern=".*")  # nothing temporary on the object store
     df = pd.read_parquet(loc.path(), filesystem=loc.fs)
@@ -135,30 +136,50 @@ def test_token_cache_on_s3(s3, tokenizer_dir, corpus_file):
 
 
 @pytest.mark.slow
-def test_finetune_from_s3_cache_to_s3_output(s3, ray_local, tiny_model_dir, corpus_file):
+def test_finetune_on_s3_resumes_by_rerun_with_frozen_layers(s3, ray_local, tiny_model_dir, corpus_file, tmp_path):
+    """One worker, S3 cache to S3 output: a rerun with more steps resumes; frozen layers stay put; the model on S3 is
+    replaced whole and its readers see the new one; a finished rerun starts no worker; changed options are refused."""
+    from safetensors.torch import load_file
+
     from aitextgen_batch.data import TokenDataset
+    from aitextgen_batch.errors import UserError
     from aitextgen_batch.generation import Engine, SamplingParams
+    from aitextgen_batch.storage import local_copy
     from aitextgen_batch.train import finetune
 
     cache = "s3://bkt/caches/ft"
-    TokenDataset.build([corpus_file], tiny_model_dir, corpus_file.parent / "ft-local", num_shards=2)
-    upload_folder(corpus_file.parent / "ft-local", cache, last=("index.json",))
+    TokenDataset.build([corpus_file], tiny_model_dir, tmp_path / "ft-local", num_shards=2)
+    upload_folder(tmp_path / "ft-local", cache, last=("index.json",))
     out = "s3://bkt/finetuned/run1"
-    s = finetune(
-        model=str(tiny_model_dir),
-        dataset=cache,
-        output=out,
-        num_workers=1,
-        max_steps=4,
-        save_every=2,
-        generate_every=0,
-        threads=1,
-        batch_size=2,
-        block_size=32,
-        quiet=True,
-    )
-    assert s["status"] == "complete" and s["step"] == 4 and s["output"] == out
-    names = Location(out).list()
-    assert {"config.json", "model.safetensors", "tokenizer.json", "metrics.csv"} <= set(names)
+    opts = dict(model=str(tiny_model_dir), dataset=cache, output=out, num_workers=1, threads=1, quiet=True)
+    opts.update(batch_size=4, block_size=32, learning_rate=3e-3, save_every=5, generate_every=0)
+    opts.update(gradient_accumulation=2, freeze_embeddings=True, freeze_layers=1, gradient_checkpointing=True)
+
+    first = finetune(max_steps=10, **opts)
+    assert first["status"] == "complete" and first["step"] == 10 and first["resumed_from"] == [0]
+    assert first["output"] == out
+    assert {"config.json", "model.safetensors", "tokenizer.json", "metrics.csv"} <= set(Location(out).list())
     eng = Engine.from_pretrained(out, device="cpu")  # a model folder on S3 loads (downloaded once)
     assert eng.generate(["the fox"], [1], SamplingParams(max_new_tokens=4), 1)[0].finish_reason != "error"
+    at_10 = load_file(str(local_copy(out, "model") / "model.safetensors"))
+
+    again = finetune(max_steps=20, **opts)
+    assert again["status"] == "complete" and again["step"] == 20 and again["resumed_from"] == [10]
+    rows = Location(out).read_text("metrics.csv").splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 21))
+    assert "samples.jsonl" not in Location(out).list()
+    assert 5 < float(rows[0].split(",")[2]) < 7  # step_loss ~ ln(400): the mean of the micro-batches, not of halves
+    before, at_20 = (
+        load_file(str(tiny_model_dir / "model.safetensors")),
+        load_file(str(local_copy(out, "model") / "model.safetensors")),
+    )
+    frozen = [k for k in before if k.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0."))]
+    assert frozen and all(before[k].equal(at_20[k]) for k in frozen)  # layer 0 included
+    trained = "transformer.h.1.mlp.c_fc.weight"
+    assert not before[trained].equal(at_20[trained]) and not at_10[trained].equal(at_20[trained])  # not a stale copy
+    # finished: a rerun has nothing to train and starts no worker; changed run options are refused
+    assert finetune(max_steps=20, **opts)["step"] == 20
+    with pytest.raises(UserError, match=r"other options \(batch_size: 4 -> 2\)"):
+        finetune(max_steps=30, **{**opts, "batch_size": 2})
+    with pytest.raises(UserError, match="already trained to step 20"):
+        finetune(max_steps=15, **opts)
