@@ -253,10 +253,43 @@ def _report(client, job_id: str, followed: bool = False) -> int:
     return 1 if status in ("FAILED", "STOPPED") else 0
 
 
-async def _tail(client, job_id: str) -> None:
-    async for chunk in client.tail_job_logs(job_id):
-        sys.stdout.write(chunk)
+class _Printed:
+    """How much of a job's log is on screen: the websocket's chunks and `get_job_logs` are the same text."""
+
+    def __init__(self):
+        self.chars = 0
+
+    def write(self, text: str) -> None:
+        sys.stdout.write(text)
         sys.stdout.flush()
+        self.chars += len(text)
+
+    def catch_up(self, client, job_id: str) -> None:
+        self.write(_call(client.get_job_logs, job_id)[self.chars :])
+
+
+async def _tail(client, job_id: str, printed: _Printed) -> None:
+    """Stream the log until the job ends. Ray closes the stream a few seconds after the end, so the status is polled
+    beside it, and once it is terminal the rest of the log is read whole instead of waited for."""
+
+    async def stream():
+        async for chunk in client.tail_job_logs(job_id):
+            printed.write(chunk)
+
+    task = asyncio.ensure_future(stream())
+    try:
+        while not task.done():
+            await asyncio.wait([task], timeout=0.5)
+            if not task.done() and await asyncio.to_thread(_status, client, job_id) in TERMINAL:
+                break
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if not task.cancelled():
+        task.result()  # the stream's own error (a proxy that refuses websockets): the caller falls back to polling
+    printed.catch_up(client, job_id)
 
 
 def _status(client, job_id: str) -> str:
@@ -264,15 +297,11 @@ def _status(client, job_id: str) -> str:
     return str(getattr(status, "value", status))
 
 
-def _poll(client, job_id: str) -> None:
+def _poll(client, job_id: str, printed: _Printed) -> None:
     """Print new log text every second until the job ends (where the log websocket is unavailable)."""
-    printed = 0
     while True:
         done = _status(client, job_id) in TERMINAL
-        logs = _call(client.get_job_logs, job_id)
-        sys.stdout.write(logs[printed:])
-        sys.stdout.flush()
-        printed = len(logs)
+        printed.catch_up(client, job_id)
         if done:
             return
         time.sleep(1.0)
@@ -282,12 +311,13 @@ def follow(client, job_id: str, url: str) -> int:
     """Stream a job's logs to stdout until it ends, then report; Ctrl-C stops following, not the job."""
     from aiohttp import ClientError
 
+    printed = _Printed()
     try:
         try:
-            asyncio.run(_tail(client, job_id))
+            asyncio.run(_tail(client, job_id, printed))
         except (ClientError, RuntimeError, OSError) as exc:  # a proxy may refuse websockets: fall back to polling
             _info(f"(log stream unavailable: {type(exc).__name__}: {exc}; polling)")
-            _poll(client, job_id)
+            _poll(client, job_id, printed)
         while _status(client, job_id) not in TERMINAL:
             time.sleep(0.5)
     except KeyboardInterrupt:

@@ -503,6 +503,7 @@ def test_submit_generate_job(head_jobs, ray_head):
     r, out = head_jobs["submit"]
     assert r.returncode == 0, _explain(r, ray_head)
     assert "SUCCEEDED" in r.stderr and "python -m aitextgen_batch generate" in r.stderr
+    assert r.stdout.count("generation summary") == 1  # the job's whole log, once (the stream ends with the job)
     assert _result_ids(out) == [f"row-{i}" for i in range(6)]
 
 
