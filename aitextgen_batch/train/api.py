@@ -202,14 +202,7 @@ def finetune(config: FinetuneConfig | None = None, **options) -> dict:
 
 
 def _finetune(cfg: FinetuneConfig) -> dict:
-    """Finetune (or resume finetuning) a model on a token cache with Ray Train; returns a summary.
-
-    Example:
-        finetune(model="my-model/", dataset="cache/", output="out/", num_workers=2, max_steps=1000)
-
-    Raises:
-        UserError: bad options, model, cache or output, found before any worker starts.
-    """
+    """`finetune` into the local OUTPUT (or the staging folder of an object-store OUTPUT)."""
     from ..raycluster import connect_ray
 
     p = plan(cfg)
