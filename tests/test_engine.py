@@ -419,3 +419,26 @@ def test_logprobs_equal_a_full_forward_recomputation(engine):
         assert r.cumulative_logprob < 0
     solo = engine.generate([prompts[3]], [seeds[3]], params, batch_size=1)[0]
     assert (solo.token_logprobs, solo.cumulative_logprob) == (res[3].token_logprobs, res[3].cumulative_logprob)
+
+
+def test_decoders_are_dropped_when_device_memory_runs_short(tiny_model_dir, engine):
+    """The engine keeps a decoder (cache and graphs) per cache length while device memory allows. That reading
+    exists only on CUDA; here it is a device with room for one decoder of the shortest length (what is free is
+    that room minus what the held decoders take): held decoders are dropped before a new one is built, and the
+    texts are those of the engine that kept them all."""
+    small = Engine.from_pretrained(str(tiny_model_dir), device="cpu")
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=0)
+    short, long_ = "the fox", " ".join(WORDS * 2)  # buckets 8 and 64: cache lengths 64 and 128
+    want = [texts(engine.generate([p], [5], params, 1)) for p in (short, long_, short)]
+    got = [texts(small.generate([short], [5], params, 1))]
+    (first,) = small._decoders.values()
+    room, held = int(1.3 * first.nbytes), []
+
+    def free_bytes() -> int:
+        held.append(len(small._decoders))
+        return room - sum(d.nbytes for d in small._decoders.values())
+
+    small._free_bytes = free_bytes
+    got += [texts(small.generate([p], [5], params, 1)) for p in (long_, short)]
+    assert got == want
+    assert held == [1, 1] and len(small._decoders) == 1 and small.stats["decoders"] == 3

@@ -161,6 +161,7 @@ class Engine:
         keeps_logits = "logits_to_keep" in forward_args or "kwargs" in forward_args
         self._runner = ModelRunner(model, cache_kw, keeps_logits)
         self._decoders: OrderedDict = OrderedDict()
+        self._free_bytes = (lambda: _cuda_free_bytes(self.device)) if self.device.type == "cuda" else None
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         # warm-up (graph capture) time, decoders built, whether graphs run, and items admitted into a block
         # that was still running (refills) or into an empty one.
@@ -339,6 +340,7 @@ class Engine:
         if dec is None:
             while len(self._decoders) >= MAX_DECODERS:
                 self._decoders.popitem(last=False)
+            self._make_room(length)
             dec = Decoder(
                 self._runner,
                 slots=self.slots,
@@ -358,6 +360,16 @@ class Engine:
         self.stats["graphs"] = self.graphs and dec.use_graphs
         self._decoders[key] = dec
         return dec
+
+    def _make_room(self, length: int) -> None:
+        """Drop least recently used decoders until one of `length` cache positions fits in the free device memory
+        (with a 10% margin; estimated from the largest per-position size of those held). A dropped decoder is
+        rebuilt when its shape comes back, with the same numbers: only its warm-up is paid again."""
+        if self._free_bytes is None or not self._decoders:
+            return
+        per_position = max(d.nbytes / d.length for d in self._decoders.values())
+        while self._decoders and self._free_bytes() < 1.1 * per_position * length:
+            self._decoders.popitem(last=False)
 
     def _drain(self, dec, queue: deque[_Work], progress: _Progress) -> None:
         """Run every item of `queue` through `dec`, refilling slots as items finish (if `refill`)."""
@@ -512,6 +524,14 @@ class _Progress:
         if self.callback and (self.done, self.tokens) != self._reported:
             self._reported = (self.done, self.tokens)
             self.callback(self.done, self.tokens)
+
+
+def _cuda_free_bytes(device) -> int:
+    """Free device memory, counting what torch's caching allocator holds but no tensor uses."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _refuse_unservable(config) -> None:

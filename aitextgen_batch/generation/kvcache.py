@@ -140,3 +140,8 @@ class SlotCache(Cache):
         self.prefill_rows: torch.Tensor | None = None
         self.write_at = torch.zeros(rows, dtype=torch.int64, device=device)
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values allocated so far (layers allocate on their first write)."""
+        return sum(t.nbytes for layer in self.layers if layer.is_initialized for t in (layer.keys, layer.values))

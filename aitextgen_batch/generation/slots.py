@@ -135,6 +135,12 @@ class Decoder:
         self._step_graph = None
         self.warmup_seconds = 0.0
 
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the cache and the per-slot buffers (the captured graphs' workspace not included)."""
+        own = (self.logits, self.tokens, self.logprobs, self.seen)
+        return self.cache.nbytes + sum(t.nbytes for t in own if t is not None)
+
     # ------------------------------------------------------------------ the two kernels of work
 
     def _prefill(self, buf: _PrefillInputs) -> None:
