@@ -365,6 +365,8 @@ def test_bad_inputs_are_refused_before_anything_is_written(tiny_model_dir, promp
     assert not (prompts_dir / "results").exists()
     # more actors than the cluster (2 CPUs) can place would never start
     refuse(prompts_dir, r"--num-actors 64 needs at least 64 CPUs \(one each\) but the Ray cluster has 2", num_actors=64)
+    # one more than fits, with more shards than actors (what used to hang: shards queued on an actor never placed)
+    refuse(prompts_dir, r"--num-actors 3 needs at least 3 CPUs", num_actors=3, shard_rows=20)
 
 
 _OPENED: dict[str, list] = {}
@@ -396,8 +398,6 @@ def test_pickle_weights_are_never_opened_without_allow_pickle(tiny_model_dir, tm
     import torch
     from safetensors.torch import load_file
 
-    from aitextgen_batch.models.provenance import inspect_source
-
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir, folder)
     torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
@@ -410,6 +410,8 @@ def test_pickle_weights_are_never_opened_without_allow_pickle(tiny_model_dir, tm
     assert opened == [] and not (tmp_path / "out").exists()
     assert main(["info", str(folder)]) == 2 and opened == []
     assert "--allow-pickle" in capsys.readouterr().err
+    from aitextgen_batch.models.provenance import inspect_source
+
     inspect_source(str(folder), allow_pickle=True)  # the user's explicit opt-in: now it is read
     assert opened and opened[0].endswith("pytorch_model.bin")
 
@@ -444,26 +446,26 @@ def test_checks_run_before_ray_and_a_dead_address_is_an_error_not_a_hang(tiny_mo
     assert time.monotonic() - start < 60 and not (tmp_path / "out").exists()
 
 
-def test_a_stale_ray_current_cluster_file_is_ignored(tmp_path):
-    """No --address and no RAY_ADDRESS: `generate` and `finetune` start a new local Ray (`connect_ray`), even where
-    Ray's temp dir names a dead head (a bare `ray.init()` waited for it for ever)."""
+def test_a_stale_ray_current_cluster_file_is_ignored(tiny_model_dir, tmp_path):
+    """No --address and no RAY_ADDRESS: `generate` starts a new local Ray (`connect_ray`, which `finetune` uses too),
+    even where Ray's temp dir names a dead head (a bare `ray.init()` waited for it for ever)."""
     import shutil
     import tempfile
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths have a length limit
     stale = f"127.0.0.1:{free_port()}"
+    inp, out = tmp_path / "p.parquet", tmp_path / "out"
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["the fox", "a lazy dog"]}), inp)
     try:
         (ray_tmp / "ray").mkdir()
         (ray_tmp / "ray" / "ray_current_cluster").write_text(stale)
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env["RAY_TMPDIR"] = str(ray_tmp)
-        code = (
-            "import ray\nfrom aitextgen_batch.raycluster import connect_ray\n"
-            "assert connect_ray(None)\nprint(ray.get_runtime_context().gcs_address)\nray.shutdown()\n"
-        )
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+        cmd = generate_cmd(input=inp, output=out, model=tiny_model_dir, num_actors=1)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
-        assert r.stdout.strip() and r.stdout.strip() != stale
+        assert sorted(pd.read_parquet(out).id) == ["a", "b"]
+        assert list(ray_tmp.glob("ray/session_*")), "the job's Ray was not started under RAY_TMPDIR"
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 

@@ -153,9 +153,16 @@ def test_errors_before_any_worker_starts(tmp_path, tiny_model_dir, cache, corpus
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(UserError, match=r"--output .*a-file is a file, not a folder"):
         finetune(dataset=cache, **{**base, "output": tmp_path / "a-file"})
-    for bad in (float("nan"), float("inf")):
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_finite_learning_rate_is_refused_before_any_worker_starts(tmp_path, tiny_model_dir, cache):
+    """NaN used to kill the workers three times, and the output folder then refused the corrected rerun."""
+    from aitextgen_batch.train import finetune
+
+    for bad in (float("nan"), float("inf"), float("-inf")):
         with pytest.raises(UserError, match=r"learning_rate \(--learning-rate\) must be a finite number"):
-            finetune(dataset=cache, **{**base, "learning_rate": bad})
+            finetune(model=str(tiny_model_dir), dataset=cache, output=tmp_path / "out", **{**RUN, "learning_rate": bad})
     assert not (tmp_path / "out").exists()
 
 
