@@ -1,6 +1,6 @@
 """Per-row sampling params: what mixing them in one run costs, in generated tokens per second.
 
-    python jobs/benchmark_synthesis.py                        # CPU, 2 threads, the default model, 256 rows
+    python jobs/benchmark_synthesis.py             # CPU, 2 threads, the default model, 512 rows (about 3 minutes)
     python jobs/benchmark_synthesis.py --device cuda --rows 4096 --ray-rows 0
 
 The rows: the bundled sample prompts, each rendered as one user message with the shipped chat template
@@ -145,9 +145,9 @@ def cpu_name() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)  # runs of a few seconds: a shared machine needs several
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ray-rows", type=int, default=256, help="rows of the Ray job comparison; 0 skips it")
