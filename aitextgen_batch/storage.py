@@ -219,6 +219,9 @@ def open_parquet(uri: str):
     return pq.ParquetFile(fs.open_input_file(path))
 
 
+STAMPS = ".remote-stamps.json"  # in a local copy: each file's [size, mtime_ns] on the store when it was downloaded
+
+
 def local_copy(uri: str, kind: str = "folder") -> Path:
     """Download a remote folder (a model or a token cache) once into the local cache and return its path.
 
@@ -255,9 +258,6 @@ def local_copy(uri: str, kind: str = "folder") -> Path:
             stale.unlink(missing_ok=True)
     write_file_atomic(stamps_file, json.dumps(stamps).encode())
     return dest
-
-
-STAMPS = ".remote-stamps.json"  # in a local copy: each file's [size, mtime_ns] on the store when it was downloaded
 
 
 def upload_folder(local: str | Path, uri: str, last: tuple[str, ...] = ()) -> None:
