@@ -202,12 +202,10 @@ def run_shards_here(
     """`run_shards` without Ray (`--in-process`): this process loads the engine and runs the shards one by one, with
     the same retries. torch's thread count is set to the job's for the run (it is part of a CPU job's numerics) and
     restored after."""
-    import torch
+    from ..models.loading import torch_threads
 
     stats = RunStats()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         engine = _build_engine(engine_options)
         stats.actors_started = 1
         for s in pending:
@@ -224,8 +222,6 @@ def run_shards_here(
                     continue
                 on_done(record)
                 break
-    finally:
-        torch.set_num_threads(before)
     return stats
 
 

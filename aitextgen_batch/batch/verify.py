@@ -59,22 +59,17 @@ def regenerate(engine, job: JobSpec, rows: list[dict], threads: list[int | None]
     re-generated with that count, set for the call and restored after: a CPU matmul splits its sums by thread count,
     so the logits, and the log-probabilities stored from them, are exact only with the count that made them.
     """
-    import torch
+    from ..models.loading import torch_threads
 
     if job.identity.engine.device != "cpu" or threads is None:
         threads = [None] * len(rows)
     results: list = [None] * len(rows)
     for count in sorted(set(threads), key=str):
         idx = [i for i, t in enumerate(threads) if t == count]
-        before = torch.get_num_threads()
-        try:
-            if count:
-                torch.set_num_threads(count)
-            sub = [rows[i] for i in idx]
-            params = [row_params(job, r) for r in sub]
+        sub = [rows[i] for i in idx]
+        params = [row_params(job, r) for r in sub]
+        with torch_threads(count):
             got = engine.generate([r["prompt"] for r in sub], [r["seed"] for r in sub], params, batch_size=len(sub))
-        finally:
-            torch.set_num_threads(before)
         for i, res in zip(idx, got, strict=True):
             results[i] = res
     return results

@@ -7,6 +7,8 @@ the caller opts in, and remote code runs only when asked for.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,21 @@ def quiet_transformers() -> None:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to `count` (when given) for the block and restored after: a CPU matmul splits
+    its sums by thread count, so a CPU job's rows are made and re-made with the count recorded for them."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        if count:
+            torch.set_num_threads(count)
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def default_device() -> str:
