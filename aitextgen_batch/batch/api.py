@@ -413,10 +413,10 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
     total_rows = sum(s.rows for s in job.shards)
     progress = JobProgress(len(job.shards), total_rows, quiet=cfg.quiet, already=[r for r in records.values() if r])
     actors: list = []
+    options = {**engine_options(job.model, job.identity.engine), "refill": cfg.engine.refill}
     try:
         if pending and not cfg.in_process:
             n = min(res.num_actors, len(pending))
-            options = {**engine_options(job.model, job.identity.engine), "refill": cfg.engine.refill}
             actors = start_actors(options, n, res.cpus_per_actor, res.gpus_per_actor, res.threads)
 
         def done(rec: DoneRecord) -> None:
@@ -431,7 +431,6 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
             if pending:
                 run = dict(batch_size=cfg.batch_size, max_attempts=cfg.max_shard_attempts, on_done=done, on_fail=fail)
                 if cfg.in_process:
-                    options = {**engine_options(job.model, job.identity.engine), "refill": cfg.engine.refill}
                     stats = run_shards_here(options, res.threads, job, pending, **run)
                 else:
                     stats = run_shards(actors, job, pending, on_tick=progress.tick, **run)
