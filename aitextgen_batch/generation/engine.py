@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..models.context import context_length
+from . import attention
 from .params import SamplingParams
 from .prompts import length_error, prompt_error, room_error
 from .seeds import derive_seed, sample_seed, stream_key
@@ -155,6 +156,8 @@ class Engine:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._torch = torch
         _refuse_unservable(cfg)
+        attention.register()
+        model.set_attn_implementation(attention.ATTENTION)
         forward_args = inspect.signature(model.forward).parameters
         # transformers 5.24 renamed `past_key_values` to `cache`; remote-code models may still use the old name.
         cache_kw = "cache" if "cache" in forward_args else "past_key_values"
@@ -321,22 +324,25 @@ class Engine:
         return results
 
     def _run(self, work: list[_Work], progress: _Progress) -> None:
-        """Decode `work`: one queue per (cache length, sampler shape), in order of first appearance."""
+        """Decode `work`: one queue per sampler shape, in order of first appearance."""
         from .sampler import SamplerShape
 
-        queues: dict[tuple, deque[_Work]] = {}
+        queues: dict[object, deque[_Work]] = {}
         for w in work:
-            key = (cache_length(w.bucket, w.params.max_new_tokens), SamplerShape.of(w.params, self.vocab_size))
-            queues.setdefault(key, deque()).append(w)
-        for (length, shape), queue in queues.items():
-            self._drain(self._decoder(length, shape, sorted({w.bucket for w in queue})), queue, progress)
+            queues.setdefault(SamplerShape.of(w.params, self.vocab_size), deque()).append(w)
+        for shape, queue in queues.items():
+            reach = max(w.bucket + w.params.max_new_tokens for w in queue)
+            self._drain(self._decoder(shape, reach, sorted({w.bucket for w in queue})), queue, progress)
 
-    def _decoder(self, length: int, shape, widths: list[int]):
-        """The decoder for (cache length, sampler shape), created (and its graphs captured) on first use."""
+    def _decoder(self, shape, reach: int, widths: list[int]):
+        """The decoder for a sampler shape with room for `reach` cache positions, created (and its graphs captured) on
+        first use, or rebuilt longer. A row's numbers do not depend on the cache's length (`attention`)."""
         from .slots import Decoder
 
-        key = (length, shape)
-        dec = self._decoders.pop(key, None)
+        length = cache_length(reach, 0)
+        dec = self._decoders.pop(shape, None)
+        if dec is not None and dec.length < length:
+            dec = None
         if dec is None:
             while len(self._decoders) >= MAX_DECODERS:
                 self._decoders.popitem(last=False)
@@ -355,10 +361,10 @@ class Engine:
             )
             self.stats["decoders"] += 1
         before = dec.warmup_seconds
-        dec.prepare(widths)
+        dec.prepare(widths, reach)
         self.stats["warmup_seconds"] += dec.warmup_seconds - before
         self.stats["graphs"] = self.graphs and dec.use_graphs
-        self._decoders[key] = dec
+        self._decoders[shape] = dec
         return dec
 
     def _make_room(self, length: int) -> None:
@@ -496,7 +502,11 @@ class Engine:
                     dec.steps(1)
                     got.append(dec.logits[0].clone())
                 fed = ids + dec.tokens[0, : steps - 1].tolist()
-                want = self.model(torch.tensor([fed], device=self.device)).logits[0, n - 1 :].float()
+                self.model.set_attn_implementation("eager")  # the reference: the model's own attention
+                try:
+                    want = self.model(torch.tensor([fed], device=self.device)).logits[0, n - 1 :].float()
+                finally:
+                    self.model.set_attn_implementation(attention.ATTENTION)
             except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
                 raise UserError(
                     f"model type {self.model.config.model_type!r} cannot run in the batch-invariant engine: "

@@ -7,9 +7,13 @@ because a row's attention results depend on where its keys sit. `SlotCache` keep
 `(slots + 1, heads, length, head_dim)` per layer (the extra row absorbs the dummy rows of a prefill)
 and writes:
 
-- in a prefill, the new rows' keys at cache rows `prefill_rows`, positions `[0, bucket)`; the rest of
-  those rows is zeroed, and attention runs over the prefill's own keys only;
-- in a decode step, one key per row at `write_at[row]`; attention runs over all `length` positions.
+- in a prefill, the new rows' keys at cache rows `prefill_rows`, positions `[0, bucket)`; attention runs over
+  the prefill's own keys only;
+- in a decode step, one key per row at `write_at[row]`; attention runs over the first positions, as many as
+  the mask is wide (`attention.slot_attention`), in chunks.
+
+A row's later positions keep what an earlier item of its slot wrote there: masked, they weigh exactly 0,
+and only finite values are ever written (a zeroed buffer to start with, and `nan_to_num` on every write).
 
 The model receives ready-made 4D additive masks (Hugging Face passes a 4D mask through untouched), one
 per attention kind: sliding-window layers see only the last `sliding_window` positions, as in the
@@ -73,9 +77,10 @@ def prefill_masks(kinds: MaskKinds, start: torch.Tensor, length: int, dtype: tor
     return kinds.build(lambda w: additive(visible(w), dtype))
 
 
-def decode_masks(kinds: MaskKinds, start: torch.Tensor, last: torch.Tensor, length: int, dtype: torch.dtype):
-    """One-query masks: row r sees cache positions `start[r] .. last[r]` (its own keys, the new one last)."""
-    k = torch.arange(length, device=start.device)[None, :]
+def decode_masks(kinds: MaskKinds, start: torch.Tensor, last: torch.Tensor, width: int, dtype: torch.dtype):
+    """One-query masks over the first `width` cache positions: row r sees `start[r] .. last[r]` (its own keys, the new
+    one last). The attention reads only those `width` positions (`attention.slot_attention`)."""
+    k = torch.arange(width, device=start.device)[None, :]
 
     def visible(window):
         v = (k >= start[:, None]) & (k <= last[:, None])
@@ -109,11 +114,13 @@ class SlotLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         c = self.cache
+        # Only finite values enter the cache: a row reads (with weight exactly 0) positions that an earlier item of its
+        # slot wrote, and 0 * inf would be NaN.
+        key_states, value_states = torch.nan_to_num(key_states), torch.nan_to_num(value_states)
         if c.prefilling:
             width = key_states.shape[2]
             for buf, new in ((self.keys, key_states), (self.values, value_states)):
                 buf[:, :, :width].index_copy_(0, c.prefill_rows, new)
-                buf[:, :, width:].index_fill_(0, c.prefill_rows, 0)
             return key_states, value_states
         rows = c.rows
         for buf, new in ((self.keys, key_states), (self.values, value_states)):

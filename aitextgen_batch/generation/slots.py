@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .attention import CHUNK
 from .kvcache import MaskKinds, SlotCache, decode_masks, prefill_masks
 from .params import SamplingParams
 from .sampler import RowParams, SamplerShape, sample
@@ -132,8 +133,13 @@ class Decoder:
         self.seen = torch.zeros((s, shape.vocab), dtype=torch.bool, device=device) if shape.penalty else None
         self.params = RowParams(s, device)
         self._prefills: dict[int, _PrefillInputs] = {}
-        self._step_graph = None
+        self._step_graphs: dict[int, object] = {}  # attention width -> captured decode step
         self.warmup_seconds = 0.0
+        # The host's bound on each slot's next cache position (its bucket + steps run since it was admitted) and
+        # whether its item may still run: a step attends over the chunks that reach the farthest one.
+        self.chunk = CHUNK.get(device.type, CHUNK["cuda"])
+        self._reach = np.zeros(s, dtype=np.int64)
+        self._live = np.zeros(s, dtype=bool)
 
     @property
     def nbytes(self) -> int:
@@ -152,8 +158,9 @@ class Decoder:
         finally:
             cache.prefilling = False
 
-    def _step(self) -> None:
-        """Sample every slot's next token, record it, and run it through the model (device only)."""
+    def _step(self, width: int) -> None:
+        """Sample every slot's next token, record it, and run it through the model, attending over the first `width`
+        cache positions (device only)."""
         logits = self.logits[: self.slots]
         draws = uniform_tensor(self.key, self.step)
         tok = sample(logits, draws, self.params, self.shape, self.step, self.eos_id, self.seen)
@@ -174,7 +181,7 @@ class Decoder:
         at = torch.clamp(self.base + self.step, max=self.length - 1)  # finished rows idle in bounds
         self.cache.write_at.copy_(at)
         start = self.base - self.prompt_len
-        masks = decode_masks(self.runner.kinds, start, at, self.length, self.runner.dtype)
+        masks = decode_masks(self.runner.kinds, start, at, width, self.runner.dtype)
         positions = (self.prompt_len + self.step)[:, None]
         self.logits[: self.slots].copy_(self.runner(tok[:, None], positions, masks, self.cache))
         self.step.add_(self.alive.to(torch.int64))
@@ -214,24 +221,39 @@ class Decoder:
         else:
             self._prefill(buf)
 
+    def width(self) -> int:
+        """Cache positions the next step attends over: whole chunks up to the farthest live slot's next position."""
+        reach = int(self._reach[self._live].max()) + 1 if self._live.any() else 1
+        return min(self.length, self.chunk * -(-reach // self.chunk))
+
     def steps(self, n: int) -> None:
         """Run `n` decode steps."""
-        if self._step_graph is None and self.use_graphs:
+        for _ in range(n):
+            width = self.width()
+            graph = self._step_graph(width)
+            if graph is not None:
+                graph.replay()
+            else:
+                self._step(width)
+            self._reach[self._live] += 1
+
+    def _step_graph(self, width: int):
+        if not self.use_graphs:
+            return None
+        if width not in self._step_graphs:
             # Capture runs the step for real: do it while no slot holds an item, then forget its effects.
             assert not bool(self.alive.any()), "capture the decode step before admitting items"
-            self._step_graph = self._capture(self._step)
+            self._step_graphs[width] = self._capture(lambda: self._step(width))
             self._reset_idle()
-        for _ in range(n):
-            if self._step_graph is not None:
-                self._step_graph.replay()
-            else:
-                self._step()
+        return self._step_graphs[width]
 
-    def prepare(self, widths: list[int]) -> None:
-        """Capture the decode step and these prefill widths now, before any item runs (no-op without graphs)."""
+    def prepare(self, widths: list[int], reach: int) -> None:
+        """Capture the decode step for every attention width up to `reach` cache positions, and these prefill
+        widths, now, before any item runs (no-op without graphs)."""
         if not self.use_graphs:
             return
-        self.steps(0)
+        for end in range(self.chunk, min(self.length, reach) + self.chunk, self.chunk):
+            self._step_graph(min(end, self.length))
         for w in widths:
             if w not in self._prefills:
                 self._run_prefill(self._prefill_inputs(w, []))
@@ -275,6 +297,8 @@ class Decoder:
         def put(t: torch.Tensor, values) -> None:
             t.index_copy_(0, slots, torch.tensor(values, dtype=t.dtype).to(self.device))
 
+        for slot, a in batch:
+            self._reach[slot], self._live[slot] = a.bucket, True
         put(self.key, [to_signed64(a.key) for _, a in batch])
         put(self.base, [a.bucket for _, a in batch])
         put(self.prompt_len, [len(a.prompt_ids) for _, a in batch])
@@ -293,9 +317,12 @@ class Decoder:
     def poll(self) -> Polled:
         """Copy the slots' state to the host (the only synchronisation in the decode loop)."""
         state = (self.alive, self.step, self.finish, self.tokens, self.logprobs)
-        return Polled(*(t.to("cpu", copy=True).numpy() for t in state))
+        polled = Polled(*(t.to("cpu", copy=True).numpy() for t in state))
+        self._live &= polled.alive
+        return polled
 
     def stop_rows(self, slots: list[int]) -> None:
         """Mark slots finished (their item hit a stop string); they become free."""
         if slots:
+            self._live[slots] = False
             self.alive.index_fill_(0, torch.tensor(slots, dtype=torch.int64, device=self.device), False)
