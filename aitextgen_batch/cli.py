@@ -92,6 +92,8 @@ def _commands():
     from .batch.verify import VerifyConfig
     from .data.commands import PrepareConfig, run_prepare
     from .generation.options import ReplayConfig
+    from .models.default import DefaultModelConfig, run_default_model
+    from .models.gguf import ImportGgufConfig, run_import_gguf
     from .models.info import InfoConfig
     from .submit import SubmitConfig
     from .tokenizer import InitModelConfig, TrainTokenizerConfig
@@ -101,6 +103,8 @@ def _commands():
         "train-tokenizer": (TrainTokenizerConfig, _train_tokenizer),
         "init-model": (InitModelConfig, _init_model),
         "info": (InfoConfig, _info),
+        "import-gguf": (ImportGgufConfig, run_import_gguf),
+        "default-model": (DefaultModelConfig, run_default_model),
         "generate": (GenerateConfig, _generate),
         "replay": (ReplayConfig, _replay),
         "verify": (VerifyConfig, _verify),

@@ -4,7 +4,7 @@
     python jobs/benchmark_ray.py --prompts 500    # a quicker look
 
 Every measurement runs in its own subprocess (its own local Ray with 2 CPUs), on one model (the bundled
-default model: GPT-2 4 layers x 256, vocabulary 5,000) and the same prompts. Rows: the in-process engine
+small model pydoc-gpt2: GPT-2 4 layers x 256, vocabulary 5,000) and the same prompts. Rows: the in-process engine
 (2 threads); the Ray job with 1 actor x 2 threads (same cores); 1 actor x 1 thread vs 2 actors x 1 thread;
 peak RSS of the driver and of each actor for N and 10 N prompts. Targets: Ray >= 0.85x in-process,
 2 actors >= 1.8x 1 actor, RSS ratio (10 N / N) < 1.2.
@@ -29,10 +29,10 @@ def setup(work: Path, prompts: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not (work / "model").exists():  # the bundled default model: GPT-2 4 x 256, vocab 5,000
-        from aitextgen_batch.models.loading import DEFAULT_MODEL
+    if not (work / "model").exists():  # the bundled small model: GPT-2 4 x 256, vocab 5,000
+        from aitextgen_batch.models.default import SMALL_MODEL
 
-        (work / "model").symlink_to(DEFAULT_MODEL)
+        (work / "model").symlink_to(SMALL_MODEL)
     words = " ".join(topics[k] for k in sorted(topics)).split()
     for n in (prompts, prompts * 10):
         path = work / f"prompts-{n}.parquet"
@@ -166,7 +166,7 @@ def main() -> None:
         }
         small = run(work, "ray", n, args.rss_tokens, actors=2, threads=1)
         big = run(work, "ray", n * 10, args.rss_tokens, actors=2, threads=1)
-    print(f"\n{n} prompts, {t} new tokens, default model (GPT-2 4x256, vocab 5k), 2 CPUs (times include model load)")
+    print(f"\n{n} prompts, {t} new tokens, small model pydoc-gpt2 (GPT-2 4x256, vocab 5k), 2 CPUs (times include model load)")
     print(f"{'run':<32} {'tokens':>8} {'seconds':>8} {'tok/s':>8}")
     rate = {}
     for name, r in rows.items():

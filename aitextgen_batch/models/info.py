@@ -29,8 +29,14 @@ def model_info(source: str, tokenizer=None, trust_remote_code: bool = False, all
         source, device="cpu", tokenizer=tokenizer, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
     )
     cfg = model.config
+    about = {}
+    if resolved.kind == "default":
+        from .default import describe_default
+
+        about = describe_default()
     return {
-        "source": source,
+        "source": source or "(the default model)",
+        **about,
         "kind": resolved.kind,
         "folder": str(resolved.folder) if resolved.folder else None,
         "architecture": type(model).__name__,
@@ -42,5 +48,6 @@ def model_info(source: str, tokenizer=None, trust_remote_code: bool = False, all
         "vocab_size": cfg.vocab_size,
         "tokenizer_size": len(tok),
         "bos/eos/pad": f"{tok.bos_token_id}/{tok.eos_token_id}/{tok.pad_token_id}",
+        "chat template": "yes (--chat works)" if tok.chat_template else "none (--chat needs --chat-template FILE)",
         "fingerprint": model_fingerprint(model, tok, resolved.folder),
     }

@@ -15,8 +15,6 @@ from pathlib import Path
 from ..errors import UserError
 from .presets import PRESETS, preset_config
 
-# The small GPT-2 shipped inside the package (trained by jobs/train_default_model.py): used when no model is given.
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -26,7 +24,7 @@ class LoadedModel:
     """What `load_model` resolved: handy for `info` and for provenance."""
 
     source: str
-    kind: str  # "folder", "hub-cache" or "preset"
+    kind: str  # "default", "bundled", "folder", "hub-cache" or "preset"
     folder: Path | None
 
 
@@ -213,14 +211,17 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 
 def resolve_source(source: str) -> LoadedModel:
-    """Decide what `source` names: an existing folder, a preset, or a cached hub id (empty: the default model)."""
+    """Decide what `source` names: the default model (empty), the bundled small model (`pydoc-gpt2`), an existing
+    folder, an object-store folder, a preset, or a cached hub id.
+
+    The default model is converted into the cache on first use, and checked on every use (`default.py`)."""
+    from .default import SMALL_MODEL, SMALL_MODEL_NAME, ensure_default_model
+
     if not source:
-        if not (DEFAULT_MODEL / "config.json").exists():
-            raise UserError(
-                "no --model given and the default model is not installed in this package "
-                f"({DEFAULT_MODEL}); pass --model or run jobs/train_default_model.py"
-            )
-        return LoadedModel(str(DEFAULT_MODEL), "folder", DEFAULT_MODEL)
+        folder = ensure_default_model()
+        return LoadedModel("", "default", folder)
+    if source == SMALL_MODEL_NAME:
+        return LoadedModel(source, "bundled", SMALL_MODEL)
     source = str(source)
     from ..storage import is_uri, local_copy
 
@@ -274,7 +275,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_source(source)
-    source = resolved.source
+    source = resolved.source or str(resolved.folder)
     device = device or default_device()
     dtype = resolve_dtype(dtype) or default_dtype(device)
     _check_device_dtype(device, dtype)

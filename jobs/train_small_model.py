@@ -1,6 +1,7 @@
-"""Reproduce the shipped default model (aitextgen_batch/assets/default_model/) end to end with this pipeline.
+"""Reproduce the shipped small model (aitextgen_batch/assets/pydoc_gpt2/, `--model pydoc-gpt2`) end to end with this
+pipeline.
 
-    .venv/bin/python jobs/train_default_model.py [--workdir /tmp/default-model] [--max-steps 1200]
+    .venv/bin/python jobs/train_small_model.py [--workdir /tmp/small-model] [--max-steps 1200]
 
 1. corpus: the English reference prose every Python install carries, `pydoc_data.topics` (all topics, sorted by
    name), plus the docstrings of a fixed list of standard-library modules and of their public classes, functions
@@ -26,7 +27,7 @@ import platform
 import shutil
 from pathlib import Path
 
-ASSET = Path(__file__).resolve().parents[1] / "aitextgen_batch" / "assets" / "default_model"
+ASSET = Path(__file__).resolve().parents[1] / "aitextgen_batch" / "assets" / "pydoc_gpt2"
 ARCH = {"n_layer": 4, "n_head": 4, "n_embd": 256, "n_positions": 256}
 MODULES = """abc argparse ast asyncio.events asyncio.tasks base64 bisect calendar cmd codecs collections
 concurrent.futures configparser contextlib copy csv dataclasses datetime decimal difflib doctest email.message
@@ -102,7 +103,7 @@ def main() -> None:
     from aitextgen_batch.train import finetune
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/default-model"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/small-model"))
     parser.add_argument("--max-steps", type=int, default=1200)
     parser.add_argument("--install-to", type=Path, default=ASSET, help="where the model goes (default: the package)")
     args = parser.parse_args()
@@ -148,11 +149,11 @@ def main() -> None:
 def write_readme(dest: Path, summary: dict, n_docs: int, digest: str, steps: int, texts: list[str]) -> None:
     mb = (dest / "model.safetensors").stat().st_size / 1e6
     lines = [
-        "# The default model of aitextgen-batch",
+        "# pydoc-gpt2: the small model of aitextgen-batch",
         "",
         f"A from-scratch GPT-2 ({ARCH['n_layer']} layers, {ARCH['n_embd']} wide, {ARCH['n_head']} heads, "
         f"{ARCH['n_positions']} positions; {mb:.1f} MB of fp32 safetensors) and its byte-level BPE tokenizer "
-        "(5,000 tokens), used when no `--model` is given. It writes English-like fragments of Python documentation: "
+        "(5,000 tokens), loaded with `--model pydoc-gpt2` (tests, the finetune example). It writes English-like fragments of Python documentation: "
         "it is a demo and test model, not a useful language model.",
         "",
         "## Corpus and licence",
@@ -169,7 +170,7 @@ def write_readme(dest: Path, summary: dict, n_docs: int, digest: str, steps: int
         f"CPU worker (2 threads), AdamW at 1e-3 with 100 warmup steps then linear decay, seed 0. Final smoothed "
         f"training loss: {summary['loss']}. Reproduce with:",
         "",
-        "    .venv/bin/python jobs/train_default_model.py",
+        "    .venv/bin/python jobs/train_small_model.py",
         "",
         "## Samples (temperature 0.7, seeds 1, 2, 3)",
         "",
@@ -184,7 +185,7 @@ PSF_NOTE = """The training text of this model (the `pydoc_data.topics` module an
 part of CPython: Copyright (c) 2001 Python Software Foundation; All Rights Reserved. It is used under the PYTHON
 SOFTWARE FOUNDATION LICENSE VERSION 2, whose full text is at https://docs.python.org/3/license.html and in the
 LICENSE file of every CPython distribution. The model weights are derived from that text by aitextgen-batch's
-jobs/train_default_model.py.
+jobs/train_small_model.py.
 """
 
 
