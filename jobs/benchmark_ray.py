@@ -166,7 +166,7 @@ def main() -> None:
         }
         small = run(work, "ray", n, args.rss_tokens, actors=2, threads=1)
         big = run(work, "ray", n * 10, args.rss_tokens, actors=2, threads=1)
-    print(f"\n{n} prompts, {t} new tokens, small model pydoc-gpt2 (GPT-2 4x256, vocab 5k), 2 CPUs (times include model load)")
+    print(f"\n{n} prompts, {t} new tokens, pydoc-gpt2 (GPT-2 4x256, vocab 5k), 2 CPUs (times include model load)")
     print(f"{'run':<32} {'tokens':>8} {'seconds':>8} {'tok/s':>8}")
     rate = {}
     for name, r in rows.items():

@@ -153,7 +153,8 @@ def write_readme(dest: Path, summary: dict, n_docs: int, digest: str, steps: int
         "",
         f"A from-scratch GPT-2 ({ARCH['n_layer']} layers, {ARCH['n_embd']} wide, {ARCH['n_head']} heads, "
         f"{ARCH['n_positions']} positions; {mb:.1f} MB of fp32 safetensors) and its byte-level BPE tokenizer "
-        "(5,000 tokens), loaded with `--model pydoc-gpt2` (tests, the finetune example). It writes English-like fragments of Python documentation: "
+        "(5,000 tokens), loaded with `--model pydoc-gpt2` (tests, the finetune example). It writes English-like "
+        "fragments of Python documentation: "
         "it is a demo and test model, not a useful language model.",
         "",
         "## Corpus and licence",
