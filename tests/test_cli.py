@@ -12,7 +12,19 @@ from aitextgen_batch.cli import _commands, main, parse
 from aitextgen_batch.config import _fields, _unwrap_optional, flag, load_yaml_config
 from aitextgen_batch.errors import UserError
 
-COMMANDS = ("train-tokenizer", "init-model", "info", "generate", "replay", "verify", "prepare", "submit", "finetune")
+COMMANDS = (
+    "train-tokenizer",
+    "init-model",
+    "info",
+    "import-gguf",
+    "default-model",
+    "generate",
+    "replay",
+    "verify",
+    "prepare",
+    "submit",
+    "finetune",
+)
 
 
 def test_help_lists_every_command():
@@ -160,6 +172,8 @@ def _cases(h, model):
         "train-tokenizer": (["--input", str(h / "binary.bin"), "--output", str(h / "tok")], "is not UTF-8 text"),
         "init-model": (["--tokenizer", str(model), "--output", str(h / "file.txt")], "exists and is not empty"),
         "info": ([str(h / "badconfig")], "badconfig'"),
+        "import-gguf": ([str(h / "binary.bin"), "--output", str(h / "converted")], "is not a GGUF file"),
+        "default-model": ([], "is not installed in this Python environment"),
         "generate": (["--input", f"{h}/*.parqet", "--output", str(h / "out")], "matches no Parquet files"),
         "replay": (["--output", str(h / "empty"), "--id", "x"], "holds no job"),
         "verify": (["--output", str(h / "empty")], "holds no job"),
@@ -173,8 +187,15 @@ def _cases(h, model):
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_reports_a_user_error_in_one_line(command, hostile, tiny_model_dir, capsys):
-    """A user error is one line (what, where, the fix) and a non-zero exit, in every command: never a traceback."""
+def test_every_command_reports_a_user_error_in_one_line(command, hostile, tiny_model_dir, capsys, monkeypatch):
+    """A user error is one line (what, where, the fix) and a non-zero exit, in every command: never a traceback.
+    (default-model: a default model whose package is not installed, converted into an empty cache.)"""
+    import dataclasses
+
+    from aitextgen_batch.models import default
+
+    monkeypatch.setattr(default, "DEFAULT", dataclasses.replace(default.DEFAULT, package="no-such-model-package"))
+    monkeypatch.setenv("AITEXTGEN_BATCH_CACHE", str(hostile / "cache-root"))
     args, message = _cases(hostile, tiny_model_dir)[command]
     capsys.readouterr()
     assert main([command, *args]) == 2

@@ -421,24 +421,25 @@ def test_logprobs_equal_a_full_forward_recomputation(engine):
     assert (solo.token_logprobs, solo.cumulative_logprob) == (res[3].token_logprobs, res[3].cumulative_logprob)
 
 
-def test_decoders_are_dropped_when_device_memory_runs_short(tiny_model_dir, engine):
-    """The engine keeps a decoder (cache and graphs) per cache length while device memory allows. That reading
-    exists only on CUDA; here it is a device with room for one decoder of the shortest length (what is free is
-    that room minus what the held decoders take): held decoders are dropped before a new one is built, and the
-    texts are those of the engine that kept them all."""
+def test_kv_cache_is_sized_before_it_is_allocated(tiny_model_dir, engine):
+    """The KV cache a decoder needs is checked against free memory before it is built (`generation.memory`). Here a
+    device whose free memory holds a cache of 64 positions at the engine's slots but not of 128: the row that needs
+    128 becomes an error row that gives the sizes, the others run as usual, with the texts of an engine with room;
+    once memory is free again the same engine generates it."""
+    from aitextgen_batch.generation import memory
+
     small = Engine.from_pretrained(str(tiny_model_dir), device="cpu")
+    per = small.kv_bytes_per_position
+    assert per > 0
+    room = int(memory.cache_bytes(small.slots, 100, per) / memory.USABLE)
+    small._free_bytes = lambda: room - sum(d.nbytes for d in small._decoders.values())
     params = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=0)
     short, long_ = "the fox", " ".join(WORDS * 2)  # buckets 8 and 64: cache lengths 64 and 128
-    want = [texts(engine.generate([p], [5], params, 1)) for p in (short, long_, short)]
-    got = [texts(small.generate([short], [5], params, 1))]
-    (first,) = small._decoders.values()
-    room, held = int(1.3 * first.nbytes), []
-
-    def free_bytes() -> int:
-        held.append(len(small._decoders))
-        return room - sum(d.nbytes for d in small._decoders.values())
-
-    small._free_bytes = free_bytes
-    got += [texts(small.generate([p], [5], params, 1)) for p in (long_, short)]
-    assert got == want
-    assert held == [1, 1] and len(small._decoders) == 1 and small.stats["decoders"] == 3
+    prompts, seeds = [short, long_, short + " and"], [5, 6, 7]
+    want = engine.generate(prompts, seeds, params, 3)
+    got = small.generate(prompts, seeds, params, 3)
+    assert [got[0].text, got[2].text] == [want[0].text, want[2].text]
+    assert got[1].finish_reason == "error" and "KV cache" in got[1].error and "GB is free" in got[1].error
+    assert "--slots" in got[1].error
+    small._free_bytes = lambda: 10**12
+    assert small.generate([long_], [6], params, 1)[0].text == want[1].text

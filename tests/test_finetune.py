@@ -145,7 +145,7 @@ def test_errors_before_any_worker_starts(tmp_path, tiny_model_dir, cache, corpus
         finetune(dataset=cache, **{**base, "block_size": 512})
     with pytest.raises(UserError, match=r"freeze_layers \(--freeze-layers\) must be <= 2"):
         finetune(dataset=cache, **{**base, "freeze_layers": 3})
-    # no --model: the bundled default model, whose tokenizer is not the one this cache was built with
+    # no --model: the default model (SmolLM2), whose tokenizer is not the one this cache was built with
     with pytest.raises(UserError, match="built with tokenizer .* but the model's tokenizer is"):
         finetune(dataset=cache, output=tmp_path / "o", **RUN)
     with pytest.raises(UserError, match="holds something other than a finetune run"):

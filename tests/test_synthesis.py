@@ -329,17 +329,17 @@ def test_same_rows_across_actor_counts_shards_and_batch_sizes(
 
 
 def test_cpu_rows_replay_with_the_thread_count_that_made_them(tmp_path):
-    """On a CPU a matmul splits its sums by thread count: the default model's logprobs differ between 1 and 2
-    threads (its text did not). Each shard records its count, and replay and verify re-generate with it."""
+    """On a CPU a matmul splits its sums by thread count: pydoc-gpt2's logprobs differ between 1 and 2 threads (its
+    text did not). Each shard records its count, and replay and verify re-generate with it."""
     import torch
 
-    engine = cpu_engine("")
+    engine = cpu_engine("pydoc-gpt2")
     inp = tmp_path / "p.jsonl"
     write_jsonl(inp, [{"prompt": f"The {w} is"} for w in WORDS[:6]])
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        out = run_here(engine, input=str(inp), output=str(tmp_path / "out"), logprobs=True, model="")
+        out = run_here(engine, input=str(inp), output=str(tmp_path / "out"), logprobs=True, model="pydoc-gpt2")
         torch.set_num_threads(2)
         assert json.loads((out / "_done" / "00000.json").read_text())["threads"] == 1
         report = verify_output(out, sample=6)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..models.context import context_length
-from . import attention
+from . import attention, memory
 from .params import SamplingParams
 from .prompts import length_error, prompt_error, room_error
 from .seeds import derive_seed, sample_seed, stream_key
@@ -164,13 +164,16 @@ class Engine:
         keeps_logits = "logits_to_keep" in forward_args or "kwargs" in forward_args
         self._runner = ModelRunner(model, cache_kw, keeps_logits)
         self._decoders: OrderedDict = OrderedDict()
-        self._free_bytes = (lambda: _cuda_free_bytes(self.device)) if self.device.type == "cuda" else None
+        self._free_bytes = lambda: memory.available_bytes(self.device)
+        self.kv_bytes_per_position = 0  # measured on the model (`_self_check` or `_probe`)
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         # warm-up (graph capture) time, decoders built, whether graphs run, and items admitted into a block
         # that was still running (refills) or into an empty one.
         self.stats = {"warmup_seconds": 0.0, "decoders": 0, "graphs": self.graphs, "refills": 0, "admissions": 0}
         if self_check:
             self._self_check()
+        else:
+            self._probe()
 
     @classmethod
     def from_pretrained(
@@ -331,8 +334,41 @@ class Engine:
         for w in work:
             queues.setdefault(SamplerShape.of(w.params, self.vocab_size), deque()).append(w)
         for shape, queue in queues.items():
-            reach = max(w.bucket + w.params.max_new_tokens for w in queue)
-            self._drain(self._decoder(shape, reach, sorted({w.bucket for w in queue})), queue, progress)
+            queue = self._fit(queue, progress)
+            if queue:
+                reach = max(_reach(w) for w in queue)
+                self._drain(self._decoder(shape, reach, sorted({w.bucket for w in queue})), queue, progress)
+
+    def _budget(self) -> int:
+        """Bytes a new decoder may take: the free memory and what the held decoders would give back."""
+        return self._free_bytes() + sum(d.nbytes for d in self._decoders.values())
+
+    def _fit(self, queue: deque[_Work], progress: _Progress) -> deque[_Work]:
+        """The items whose cache fits in memory at `slots` rows; the others become error rows, with the sizes.
+
+        Raises:
+            UserError: the memory cannot even hold a cache for the shortest row (no slot count would run).
+        """
+        per = self.kv_bytes_per_position
+        length = cache_length(max(_reach(w) for w in queue), 0)
+        budget = self._budget()
+        if memory.cache_bytes(self.slots, length, per) <= memory.USABLE * budget:
+            return queue
+        fits = memory.fitting_length(self.slots, per, budget)
+        kept: deque[_Work] = deque()
+        for w in queue:
+            need = cache_length(_reach(w), 0)
+            if need <= fits:
+                kept.append(w)
+                continue
+            w.result.error = (
+                f"prompt ({len(w.prompt_ids)} tokens) and max_new_tokens ({w.params.max_new_tokens}) need a KV cache "
+                f"of {memory.describe(self.slots, need, per)}, but {memory.gb(budget)} is free: lower "
+                f"max_new_tokens or use fewer slots (--slots {max(2, memory.fitting_slots(need, per, budget))} fits)"
+            )
+            w.result.finish_reason, w.result.attempts = "error", 0
+            progress.done += 1
+        return kept
 
     def _decoder(self, shape, reach: int, widths: list[int]):
         """The decoder for a sampler shape with room for `reach` cache positions, created (and its graphs captured) on
@@ -346,7 +382,9 @@ class Engine:
         if dec is None:
             while len(self._decoders) >= MAX_DECODERS:
                 self._decoders.popitem(last=False)
-            self._make_room(length)
+            need = memory.cache_bytes(self.slots, length, self.kv_bytes_per_position)
+            while self._decoders and self._free_bytes() * memory.USABLE < need:  # least recently used first
+                self._decoders.popitem(last=False)
             dec = Decoder(
                 self._runner,
                 slots=self.slots,
@@ -366,16 +404,6 @@ class Engine:
         self.stats["graphs"] = self.graphs and dec.use_graphs
         self._decoders[shape] = dec
         return dec
-
-    def _make_room(self, length: int) -> None:
-        """Drop least recently used decoders until one of `length` cache positions fits in the free device memory
-        (with a 10% margin; estimated from the largest per-position size of those held). A dropped decoder is
-        rebuilt when its shape comes back, with the same numbers: only its warm-up is paid again."""
-        if self._free_bytes is None or not self._decoders:
-            return
-        per_position = max(d.nbytes / d.length for d in self._decoders.values())
-        while self._decoders and self._free_bytes() < 1.1 * per_position * length:
-            self._decoders.popitem(last=False)
 
     def _drain(self, dec, queue: deque[_Work], progress: _Progress) -> None:
         """Run every item of `queue` through `dec`, refilling slots as items finish (if `refill`)."""
@@ -464,6 +492,27 @@ class Engine:
 
     # ---------------------------------------------------------------- self-check
 
+    def _probe(self) -> None:
+        """Measure the KV cache's bytes per (slot, position) with a one-token prefill (what `_self_check` does too)."""
+        from .sampler import SamplerShape
+        from .slots import Admission, Decoder, no_grad
+
+        shape = SamplerShape(self.vocab_size, self.vocab_size, False, False)
+        dec = Decoder(
+            self._runner,
+            slots=2,
+            prefill_rows=2,
+            length=64,
+            shape=shape,
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+            device=self.device,
+            graphs=False,
+        )
+        with no_grad():
+            dec.admit([(0, Admission([self.bos_id], 8, 0, SamplingParams(max_new_tokens=1)))])
+        self.kv_bytes_per_position = dec.cache.nbytes // ((dec.slots + 1) * dec.length)
+
     def _self_check(self, steps: int = 4) -> None:
         """Refuse a model whose cached, padded decode differs from its own full forward pass.
 
@@ -497,6 +546,7 @@ class Engine:
                     graphs=False,
                 )
                 dec.admit([(0, Admission(ids, bucket, 0, params))])
+                self.kv_bytes_per_position = dec.cache.nbytes // ((dec.slots + 1) * dec.length)
                 got = [dec.logits[0].clone()]
                 for _ in range(steps - 1):
                     dec.steps(1)
@@ -536,12 +586,9 @@ class _Progress:
             self.callback(self.done, self.tokens)
 
 
-def _cuda_free_bytes(device) -> int:
-    """Free device memory, counting what torch's caching allocator holds but no tensor uses."""
-    import torch
-
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+def _reach(w: _Work) -> int:
+    """Cache positions an item can fill: its bucket and every token it may generate."""
+    return w.bucket + w.params.max_new_tokens
 
 
 def _refuse_unservable(config) -> None:

@@ -59,14 +59,14 @@ SMALL_MODEL_NAME = "pydoc-gpt2"
 _checked: set[tuple] = set()
 
 
-def default_model_folder(model: PackagedModel = DEFAULT) -> Path:
-    """Where `model` is converted to: `cache_root()/models/NAME`."""
+def default_model_folder(model: PackagedModel | None = None) -> Path:
+    """Where `model` (default: `DEFAULT`) is converted to: `cache_root()/models/NAME`."""
     from ..storage import cache_root
 
-    return cache_root() / "models" / model.name
+    return cache_root() / "models" / (model or DEFAULT).name
 
 
-def gguf_path(model: PackagedModel = DEFAULT) -> Path:
+def gguf_path(model: PackagedModel | None = None) -> Path:
     """The installed GGUF file of `model`.
 
     Raises:
@@ -74,6 +74,7 @@ def gguf_path(model: PackagedModel = DEFAULT) -> Path:
     """
     from importlib.metadata import PackageNotFoundError, distribution
 
+    model = model or DEFAULT
     try:
         path = Path(distribution(model.package).locate_file(model.gguf))
     except PackageNotFoundError:
@@ -104,7 +105,7 @@ def _locked(folder: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def ensure_default_model(model: PackagedModel = DEFAULT, *, log=None) -> Path:
+def ensure_default_model(model: PackagedModel | None = None, *, log=None) -> Path:
     """The converted folder of `model`, checked against its import record; converted first if missing or damaged.
 
     Raises:
@@ -115,6 +116,7 @@ def ensure_default_model(model: PackagedModel = DEFAULT, *, log=None) -> Path:
 
     from .gguf import check_import, import_gguf, read_record
 
+    model = model or DEFAULT
     folder = default_model_folder(model)
     if _fine(folder, model):
         return folder
@@ -146,10 +148,11 @@ def _fine(folder: Path, model: PackagedModel) -> bool:
     return False
 
 
-def describe_default(model: PackagedModel = DEFAULT) -> dict:
+def describe_default(model: PackagedModel | None = None) -> dict:
     """Where the default model comes from, for `info`."""
     from .gguf import read_record
 
+    model = model or DEFAULT
     record = read_record(default_model_folder(model))
     return {
         "default model": model.description,
