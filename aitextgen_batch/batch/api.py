@@ -170,6 +170,8 @@ class CheckedJob:
 
     inputs: object  # inputs.InputCheck
     fingerprint: str
+    config: object = None  # the model's config
+    parameters: int = 0
     chat: ChatSpec | None = None
     chat_template: str | None = None  # the template's text
     staging: tempfile.TemporaryDirectory | None = None  # local Parquet copies of JSONL inputs
@@ -225,16 +227,52 @@ def _resources(cfg: GenerateConfig) -> Resources:
     return Resources(n, float(min(threads, max(1, cpus // n))), 0.0, threads, "cpu")
 
 
-def _numerics(cfg: GenerateConfig, device: str) -> Numerics:
-    """What fixes the engine's arithmetic: device kind, dtype, slots and prefill rows (recorded in the manifest)."""
-    from ..generation.engine import DEFAULT_SLOTS, NUMERICS_VERSION, default_prefill_rows
-    from ..models.loading import default_dtype_name, dtype_name
+def _numerics(cfg: GenerateConfig, device: str, parameters: int = 0) -> Numerics:
+    """What fixes the engine's arithmetic: device kind, dtype, slots and prefill rows (recorded in the manifest).
+
+    Default slots follow the device and the model's size (`engine.default_slots`), as in `Engine`."""
+    from ..generation.engine import NUMERICS_VERSION, default_prefill_rows, default_slots
+    from ..models.loading import default_dtype_name, dtype_name, resolve_dtype
 
     e = cfg.engine
     dtype = dtype_name(e.dtype) if e.dtype else default_dtype_name(device)
-    slots = e.slots or DEFAULT_SLOTS[device]
+    slots = e.slots or default_slots(device, parameters * resolve_dtype(dtype).itemsize)
     prefill = e.prefill_rows or default_prefill_rows(slots)
     return Numerics(device=device, dtype=dtype, slots=slots, prefill_rows=prefill, version=NUMERICS_VERSION)
+
+
+def check_kv_memory(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics, actors: int) -> None:
+    """Refuse, in seconds and with the sizes, a job whose KV cache cannot fit on this machine even for its shortest
+    rows (CPU jobs on this machine: in-process, or a Ray this driver starts). Longer rows that do not fit become error
+    rows in the engine (`Engine._fit`).
+
+    Raises:
+        UserError: `actors` caches of `slots` rows over the shortest row's length exceed the free memory.
+    """
+    from ..generation import memory
+    from ..generation.engine import bucket_length, cache_length
+    from ..models.loading import resolve_dtype
+    from ..raycluster import ray_address
+
+    local = cfg.in_process or ray_address(cfg.address) == "local"
+    per = memory.estimate_bytes_per_position(checked.config, resolve_dtype(numerics.dtype).itemsize)
+    if numerics.device != "cpu" or not local or not per:
+        return
+    length = cache_length(bucket_length(1, 8), cfg.sampling.max_new_tokens)
+    weights = checked.parameters * resolve_dtype(numerics.dtype).itemsize
+    budget = (memory.available_bytes("cpu") - actors * weights) // actors
+    need = memory.cache_bytes(numerics.slots, length, per)
+    if need <= memory.USABLE * budget:
+        return
+    fits = memory.fitting_slots(length, per, budget)
+    sizes = memory.describe(numerics.slots, length, per)
+    free = memory.gb(max(budget, 0))
+    raise UserError(
+        f"--max-new-tokens {cfg.sampling.max_new_tokens} needs a KV cache of {sizes} per actor, but {free} is free "
+        f"per actor ({actors} actor(s), each also holding {memory.gb(weights)} of weights): "
+        + (f"pass --slots {fits} or fewer, " if fits >= 2 else "")
+        + "lower --max-new-tokens, or run fewer actors (--num-actors)"
+    )
 
 
 def _model_spec(cfg: GenerateConfig) -> ModelSpec:
@@ -275,6 +313,7 @@ def check_job(cfg: GenerateConfig) -> CheckedJob:
         e = cfg.engine
         facts = inspect_source(e.model, e.tokenizer, e.trust_remote_code, e.allow_pickle)
         checked.fingerprint = facts.fingerprint
+        checked.config, checked.parameters = facts.config, facts.parameters
         if cfg.chat or cfg.messages_column:
             renderer = ChatRenderer(facts.tokenizer, cfg.chat_template, cfg.system_prompt)
             mode = "messages" if cfg.messages_column else "prompt"
@@ -406,7 +445,9 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
 
     t0 = time.time()
     res = _local_resources(cfg) if cfg.in_process else _resources(cfg)
-    job = _build_job(cfg, checked, _numerics(cfg, res.device))
+    numerics = _numerics(cfg, res.device, checked.parameters)
+    check_kv_memory(cfg, checked, numerics, res.num_actors)
+    job = _build_job(cfg, checked, numerics)
     out = Location(job.output)
     pending, skipped, records = _prepare_output(cfg, job, out, t0, checked.inputs.staged)
     outcome = _Outcome(records, {}, skipped, 0)

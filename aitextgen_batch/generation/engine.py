@@ -39,7 +39,6 @@ from .stops import StopMatcher
 
 # Re-draws of an empty output (nonempty_output) before giving up and returning the empty text.
 MAX_ATTEMPTS = 8
-DEFAULT_SLOTS = {"cpu": 32, "cuda": 64}
 # How many decode steps run between two looks of the host: a look syncs with the device, so on a GPU
 # it is rarer; on a CPU it costs nothing and frees finished slots at once.
 DEFAULT_CHECK_EVERY = {"cpu": 1, "cuda": 8}
@@ -93,6 +92,21 @@ def cache_length(bucket: int, max_new_tokens: int) -> int:
     return 64 * math.ceil((bucket + max_new_tokens) / 64)
 
 
+def default_slots(device: str, weight_bytes: int) -> int:
+    """Rows per decode step when none are given, from the device and the model's weights (bytes in the run's dtype).
+
+    A decode step multiplies `slots` rows by every weight matrix: with few rows the time goes to reading the weights
+    and to per-step overhead, with many rows to arithmetic, and a step's rows share its cost. On a CPU, 64 rows run a
+    small model's matmuls near their best rate (2 threads: 32 rows reach about 80% of it); on a GPU several hundred.
+    Larger models take fewer rows: their steps are long anyway, and their KV cache per row is larger.
+    CPU: 64 below 1 GB of weights, 32 below 4 GB, else 16. CUDA: 256 below 2 GB, 128 below 16 GB, else 64.
+    """
+    gb = weight_bytes / 1e9
+    if str(device).startswith("cuda"):
+        return 256 if gb < 2 else 128 if gb < 16 else 64
+    return 64 if gb < 1 else 32 if gb < 4 else 16
+
+
 def default_prefill_rows(slots: int) -> int:
     """Rows per prefill: an eighth of the slots (at least 2), so a refill waits for few free slots."""
     return min(slots, max(2, slots // 8))
@@ -134,7 +148,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.slots = int(slots or DEFAULT_SLOTS.get(self.device.type, 32))
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.slots = int(slots or default_slots(self.device.type, weight_bytes))
         if self.slots < 2:
             raise UserError(f"slots must be >= 2 (a 1-row matmul takes another kernel path), got {self.slots}")
         self.prefill_rows = int(prefill_rows or default_prefill_rows(self.slots))

@@ -13,6 +13,8 @@ class SourceFacts:
     fingerprint: str
     context_length: int
     tokenizer: object = None  # the model's tokenizer (chat jobs render a probe conversation with it)
+    config: object = None  # the model's config (KV-cache sizes)
+    parameters: int = 0  # weights, counted once when tied
 
 
 def inspect_source(
@@ -34,11 +36,27 @@ def inspect_source(
         model, tok = load_model(
             source, device="cpu", tokenizer=tokenizer, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
         )
-        return SourceFacts(model_fingerprint(model, tok, folder), context_length(model.config), tok)
+        params = sum(p.numel() for p in model.parameters())
+        return SourceFacts(
+            model_fingerprint(model, tok, folder), context_length(model.config), tok, model.config, params
+        )
     tok = load_tokenizer(tokenizer or folder, trust_remote_code=trust_remote_code)
     config = load_config(folder, trust_remote_code)
     fingerprint = combine(weights_digest(None, folder), config_digest(config), tokenizer_fingerprint(tok))
-    return SourceFacts(fingerprint, context_length(config), tok)
+    return SourceFacts(fingerprint, context_length(config), tok, config, parameter_count(folder))
+
+
+def parameter_count(folder) -> int:
+    """Elements of the tensors in a folder's safetensors files, from their headers (no weight is read)."""
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            total += sum(math.prod(sf.get_slice(k).get_shape()) for k in sf.keys())
+    return total
 
 
 def package_versions() -> dict[str, str]:
