@@ -1,0 +1,165 @@
+"""The real-model tier: the default model (SmolLM2-135M-Instruct, converted from its pinned GGUF wheel), fp32 on CPU.
+
+`make test` converts it first (`make model`); these tests never skip. Outputs are short, so the tier stays small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+
+from aitextgen_batch.batch.api import generate_dataset
+from aitextgen_batch.batch.verify import replay_row, verify_output
+from aitextgen_batch.generation import Engine, SamplingParams, derive_seed
+from aitextgen_batch.models.default import ensure_default_model
+from aitextgen_batch.samples import chat_samples
+
+SLOTS = 16
+TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="module")
+def engine(folder):
+    return Engine.from_pretrained(str(folder), device="cpu", slots=SLOTS)
+
+
+def chat(engine, contents: list[str], system: str = "Answer in one short sentence.") -> list[str]:
+    tok = engine.tokenizer
+    return [
+        tok.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": c}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for c in contents
+    ]
+
+
+@pytest.fixture(scope="module")
+def prompts(engine):
+    rows = chat_samples()
+    return chat(engine, [r["content"] for r in rows[:8] + rows[32:34] + rows[48:50]])  # 12: all three kinds
+
+
+def test_greedy_text_equals_hugging_face_generate(engine, prompts):
+    """Greedy decoding equals `generate(do_sample=False)` token for token, rows end with eos at `<|im_end|>`, and no
+    template token leaks into the text."""
+    params = SamplingParams(max_new_tokens=32, temperature=0, lstrip=False)
+    results = engine.generate(prompts, params=params, batch_size=len(prompts))
+    model, tok = engine.model, engine.tokenizer
+    model.set_attn_implementation("eager")  # the reference: the model's own attention
+    try:
+        for prompt, r in zip(prompts, results, strict=True):
+            ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                out = model.generate(ids, do_sample=False, max_new_tokens=32, pad_token_id=tok.pad_token_id)
+            new = out[0, ids.shape[1] :].tolist()
+            ended = tok.eos_token_id in new
+            new = new[: new.index(tok.eos_token_id)] if ended else new
+            assert r.token_ids == new, prompt
+            assert r.text == tok.decode(new, skip_special_tokens=True)
+            assert r.finish_reason == ("eos" if ended else "length")
+            assert not any(t in r.text for t in TEMPLATE_TOKENS)
+    finally:
+        from aitextgen_batch.generation.attention import ATTENTION
+
+        model.set_attn_implementation(ATTENTION)
+    assert sum(r.finish_reason == "eos" for r in results) >= 8  # an instruct model ends its answers
+    assert "Paris" in results[0].text  # "What is the capital of France?"
+
+
+def test_logprobs_equal_a_full_forward_pass(engine, prompts):
+    params = SamplingParams(max_new_tokens=16, temperature=0.7)
+    seeds = [derive_seed(3, i) for i in range(4)]
+    for prompt, r in zip(prompts[:4], engine.generate(prompts[:4], seeds, params, 4), strict=True):
+        ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        generated = r.token_ids + ([engine.eos_id] if r.finish_reason == "eos" else [])
+        assert len(generated) == len(r.token_logprobs) == r.num_generated_tokens
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([ids + generated])).logits[0, len(ids) - 1 : -1]
+        want = torch.log_softmax(logits.double(), dim=-1).gather(1, torch.tensor(generated)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(r.token_logprobs, dtype=torch.float64), want, atol=1e-4)
+
+
+def as_bytes(results) -> list[tuple]:
+    return [(r.text, r.token_ids, r.token_logprobs, r.finish_reason) for r in results]
+
+
+def test_sampled_rows_are_the_same_in_any_batch(engine, folder, prompts):
+    """Sampled rows are byte-identical (text, tokens, log-probabilities) in any batch size, order, with refill on or
+    off, and alone; their texts are the same at another slot count too."""
+    params = SamplingParams(max_new_tokens=24, temperature=0.8, top_k=40)
+    seeds = [derive_seed(11, i) for i in range(len(prompts))]
+    want = as_bytes(engine.generate(prompts, seeds, params, batch_size=len(prompts)))
+    assert as_bytes(engine.generate(prompts, seeds, params, batch_size=6)) == want
+    order = [7, 2, 11, 0, 5, 9, 1, 10, 3, 8, 6, 4]
+    shuffled = engine.generate([prompts[i] for i in order], [seeds[i] for i in order], params, batch_size=12)
+    assert [as_bytes([shuffled[order.index(i)]])[0] for i in range(len(prompts))] == want
+    engine.refill = False
+    try:
+        assert as_bytes(engine.generate(prompts, seeds, params, batch_size=len(prompts))) == want
+    finally:
+        engine.refill = True
+    for i in (5, 11):
+        assert as_bytes(engine.generate([prompts[i]], [seeds[i]], params, 1)) == [want[i]]
+    wide = Engine.from_pretrained(str(folder), device="cpu", slots=32)
+    assert [r.text for r in wide.generate(prompts, seeds, params, batch_size=len(prompts))] == [w[0] for w in want]
+
+
+def test_max_new_tokens_does_not_change_rows_that_end_before_it(engine, prompts):
+    """A row that ends at eos within 64 tokens is the same at max_new_tokens 64 and 1,024, alone and beside rows that
+    run long (the attention reads only the cache chunks rows use)."""
+    short = dataclasses.replace(SamplingParams(max_new_tokens=64, temperature=0.7))
+    long_ = dataclasses.replace(short, max_new_tokens=1024)
+    seeds = [derive_seed(5, i) for i in range(len(prompts))]
+    at64 = engine.generate(prompts, seeds, short, batch_size=len(prompts))
+    ended = [i for i, r in enumerate(at64) if r.finish_reason == "eos"]
+    assert len(ended) >= 6
+    at1024 = engine.generate([prompts[i] for i in ended], [seeds[i] for i in ended], long_, batch_size=len(ended))
+    assert as_bytes(at1024) == as_bytes([at64[i] for i in ended])
+    # beside a row that cannot stop early (a story with eos suppressed for 100 tokens): steps attend over more chunks
+    story = chat(engine, ["Tell me a long story about a dragon."])[0]
+    mixed = [dataclasses.replace(long_, min_new_tokens=100)] + [long_] * len(ended)
+    got = engine.generate([story] + [prompts[i] for i in ended], [1] + [seeds[i] for i in ended], mixed, 64)
+    assert got[0].num_generated_tokens > 100
+    assert as_bytes(got[1:]) == as_bytes([at64[i] for i in ended])
+
+
+def test_ray_job_equals_in_process_job_and_rows_replay(ray_local, tmp_path):
+    """A chat job on the default model (no --model, no template flag): 2 Ray actors and --in-process write the same
+    bytes; a row replays alone and verify passes."""
+    rows = chat_samples()[:6] + chat_samples()[40:42]
+    pd.DataFrame({"id": [r["id"] for r in rows], "prompt": [r["content"] for r in rows]}).to_parquet(tmp_path / "p.pq")
+    common = dict(
+        input=str(tmp_path / "p.pq"),
+        chat=True,
+        system_prompt="Answer briefly.",
+        max_new_tokens=20,
+        temperature=0.7,
+        logprobs=True,
+        return_tokens=True,
+        shard_rows=4,
+        slots=SLOTS,
+        quiet=True,
+    )
+    ray_out, here_out = tmp_path / "ray", tmp_path / "here"
+    assert generate_dataset(output=str(ray_out), num_actors=2, **common).status == "complete"
+    assert generate_dataset(output=str(here_out), in_process=True, **common).status == "complete"
+    a, b = (pd.read_parquet(p).sort_values("id").reset_index(drop=True) for p in (ray_out, here_out))
+    cols = ["id", "prompt", "seed", "text", "finish_reason", "cumulative_logprob"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    assert [list(x) for x in a.token_logprobs] == [list(x) for x in b.token_logprobs]
+    assert a.prompt[0].startswith("<|im_start|>system\nAnswer briefly.<|im_end|>")
+    assert not a.text.str.contains("<|im_", regex=False).any()
+    _, result, match = replay_row(ray_out, a.id[3])
+    assert match and result.text == a.text[3]
+    report = verify_output(here_out, sample=3)
+    assert (report["checked"], report["mismatches"]) == (3, 0)
