@@ -85,5 +85,9 @@ def connect_ray(address: str | None) -> bool:
         target = _resolve_auto(target)
         check_reachable(target)
     local = {"include_dashboard": False} if target == "local" else {}
+    if target == "local":
+        # Ray turns token auth on for a new local cluster and warns that it did; this process starts that cluster
+        # itself, so the warning tells its user nothing: token auth stays on, the warning goes.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address=target, logging_level=logging.WARNING, log_to_driver=True, **local)
     return True

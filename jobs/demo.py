@@ -1,26 +1,32 @@
-"""`make demo`: the main job end to end on this machine, with no download.
+"""`make demo`: a dataset-synthesis job on the default model, end to end on this machine, with no download.
 
-Generates text for the 1,200 bundled sample prompts with 2 Ray actors on the bundled default model,
-prints a few rows and the summary, then re-generates a random sample of rows to show they replay byte
-for byte. Then a small dataset-synthesis job: 24 chat conversations handed over as JSONL, rendered with
-the shipped chat template and a system prompt, half of them sampled hot and half cold (per-row params),
-with log-probabilities; its rows are filtered by mean log-probability, and one is replayed alone. The
-default model is no instruct model and writes fragments of Python documentation: the mechanics are what
-is shown. (If the package has no default model, a tiny untrained one is built first.)
+64 chat requests of three kinds (questions with a known short answer, instructions, rewrites; from
+`aitextgen_batch.samples`) go to 2 Ray actors as JSONL conversations, with a system prompt and per-row sampling
+params (questions cold, instructions hot, rewrites in between), log-probabilities and token lists. The default model
+is SmolLM2-135M-Instruct (a 4-bit GGUF from a pinned wheel, converted once by `make model`), with its own chat
+template. Then: the job's summary, answers of each kind, how many questions were answered correctly (the reply
+contains the answer), the rows filtered by mean log-probability, one row replayed alone byte for byte, and `verify`
+re-generating a random sample.
 """
 
 from __future__ import annotations
 
-import shutil
+import json
 import sys
+import time
 from pathlib import Path
 
 from aitextgen_batch.cli import main
-from aitextgen_batch.models.loading import DEFAULT_MODEL
-from aitextgen_batch.samples import SAMPLE_PROMPTS, SUBJECTS
+from aitextgen_batch.samples import chat_samples, is_correct
 
 OUT = Path("demo_out")
-CHAT_TEMPLATE = Path(__file__).parents[1] / "aitextgen_batch" / "assets" / "chat_template.jinja"
+SYSTEM = "You are a helpful assistant. Answer briefly."
+# Per-row sampling: questions cold (the likeliest answer), instructions hot (variety), rewrites in between.
+PARAMS = {
+    "question": {"temperature": 0.2, "max_new_tokens": 48},
+    "instruction": {"temperature": 1.0, "top_p": 0.95},
+    "rewrite": {"temperature": 0.5},
+}
 
 
 def step(argv: list[str]) -> None:
@@ -30,98 +36,69 @@ def step(argv: list[str]) -> None:
         sys.exit(rc)
 
 
-def fallback_model() -> list[str]:
-    """A tiny untrained model (tokenizer from the stdlib's pydoc topics) for packages without the default."""
-    from pydoc_data.topics import topics
-
-    OUT.mkdir(exist_ok=True)
-    corpus = OUT / "pydoc_topics.txt"
-    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)))
-    shutil.rmtree(OUT / "model", ignore_errors=True)
-    step(["train-tokenizer", "--input", str(corpus), "--vocab-size", "2000", "--output", str(OUT / "tokenizer")])
-    step(["init-model", "--preset", "tiny", "--tokenizer", str(OUT / "tokenizer"), "--output", str(OUT / "model")])
-    return ["--model", str(OUT / "model")]
-
-
-def chat_job(model: list[str]) -> None:
-    """Chat messages in (JSONL), per-row params and log-probabilities out; filter, then replay one row alone."""
-    import json
-
-    import pandas as pd
-
-    conversations = OUT / "conversations.jsonl"
-    with open(conversations, "w") as f:
-        for i, subject in enumerate(SUBJECTS[:24]):
-            messages = [{"role": "user", "content": f"What does the {subject} do?"}]
-            if i % 4 == 3:
-                messages = [{"role": "user", "content": "Define it briefly."}, *messages]
-            params = {"temperature": 1.0, "max_new_tokens": 40} if i % 2 else {"temperature": 0.3}
-            f.write(json.dumps({"id": f"chat-{i:02d}", "messages": messages, "params": params}) + "\n")
-    out = OUT / "chat"
-    step(
-        [
-            "generate",
-            "--input",
-            str(conversations),
-            "--output",
-            str(out),
-            *model,
-            "--messages-column",
-            "messages",
-            "--chat-template",
-            str(CHAT_TEMPLATE),
-            "--system-prompt",
-            "You explain Python to beginners.",
-            "--params-column",
-            "params",
-            "--max-new-tokens",
-            "24",
-            "--logprobs",
-            "--num-actors",
-            "1",  # 24 short rows: a second actor would cost more to start than it saves
-            "--shard-rows",
-            "12",
-            "--overwrite",
-        ]
-    )
-    df = pd.read_parquet(out)
-    df["mean_logprob"] = df.cumulative_logprob / df.num_generated_tokens
-    best = df[df.finish_reason != "error"].sort_values("mean_logprob", ascending=False)
-    print(f"\n{len(df)} chat rows in {out}; the rendered prompt of the first:\n{df.prompt.iloc[0]}")
-    print("the three most likely replies (by mean log-probability per token):")
-    for r in best.head(3).itertuples():
-        p = json.loads(r.params)
-        print(f"\n[{r.id} temperature={p['temperature']} mean_logprob={r.mean_logprob:.2f}]\n  {r.text[:160]!r}")
-    step(["replay", "--output", str(out), "--id", best.id.iloc[0]])
+def write_requests(path: Path) -> list[dict]:
+    rows = chat_samples()
+    with open(path, "w") as f:
+        for r in rows:
+            messages = [{"role": "user", "content": r["content"]}]
+            f.write(json.dumps({"id": r["id"], "messages": messages, "params": PARAMS[r["kind"]]}) + "\n")
+    return rows
 
 
 if __name__ == "__main__":
     import pandas as pd
 
-    model = [] if (DEFAULT_MODEL / "model.safetensors").exists() else fallback_model()
-    out = OUT / "generate"
+    t0 = time.time()
+    OUT.mkdir(exist_ok=True)
+    requests = OUT / "requests.jsonl"
+    rows = write_requests(requests)
+    out = OUT / "synth"
     step(
         [
             "generate",
             "--input",
-            str(SAMPLE_PROMPTS),
+            str(requests),
             "--output",
             str(out),
-            *model,
+            "--messages-column",
+            "messages",
+            "--system-prompt",
+            SYSTEM,
+            "--params-column",
+            "params",
+            "--max-new-tokens",
+            "64",
+            "--logprobs",
+            "--return-tokens",
             "--num-actors",
             "2",
             "--shard-rows",
-            "100",
-            "--max-new-tokens",
             "32",
-            "--keep-columns",
-            "topic",
             "--overwrite",
         ]
     )
-    df = pd.read_parquet(out)
-    print(f"\n{len(df)} rows in {out}; a few of them:")
-    for r in df.sample(5, random_state=0).itertuples():
-        print(f"\n[{r.id} seed={r.seed} {r.finish_reason}]\n  prompt: {r.prompt}\n  text:   {r.text[:200]!r}")
-    step(["verify", "--output", str(out), "--sample", "16"])
-    chat_job(model)
+    df = pd.read_parquet(out).set_index("id").loc[[r["id"] for r in rows]]
+    kinds = {r["id"]: r["kind"] for r in rows}
+    df["kind"] = [kinds[i] for i in df.index]
+    print(f"\n{len(df)} rows in {out}; the rendered prompt of the first:\n{df.prompt.iloc[0]}")
+    for kind in ("question", "instruction", "rewrite"):
+        print(f"\n--- {kind}s (params {PARAMS[kind]})")
+        for r, item in zip(df[df.kind == kind].head(3).itertuples(), [x for x in rows if x["kind"] == kind][:3]):
+            print(f"[{r.Index}] {item['content']}\n  -> {r.text[:200]!r} ({r.finish_reason})")
+
+    questions = [r for r in rows if r["answers"]]
+    right = [r["id"] for r in questions if is_correct(df.text[r["id"]], r["answers"])]
+    print(f"\nquestions answered correctly (the reply contains the answer): {len(right)} of {len(questions)}")
+    wrong = [r for r in questions if r["id"] not in right][:3]
+    for r in wrong:
+        print(f"  missed: {r['content']} -> {df.text[r['id']][:120]!r} (expected {r['answers'][0]!r})")
+
+    ok = df[df.finish_reason != "error"].copy()
+    ok["mean_logprob"] = ok.cumulative_logprob / ok.num_generated_tokens
+    keep = ok[ok.mean_logprob > -1.0]
+    print(f"\nrows with mean log-probability per token > -1.0: {len(keep)} of {len(ok)} (a likelihood filter)")
+    print(keep.groupby("kind").size().to_string())
+
+    step(["replay", "--output", str(out), "--id", ok.index[0]])
+    step(["verify", "--output", str(out), "--sample", "8"])
+    print(f"\ndemo finished in {time.time() - t0:.0f} s")
