@@ -19,15 +19,19 @@ WORDS = (
 ).split()
 
 
-def argmax_reference(model, ids: list[int], steps: int, eos: int | None) -> list[int]:
-    """Greedy tokens from plain full forward passes (no cache, no padding), stopping before eos."""
+def argmax_reference(model, ids: list[int], steps: int, eos, keep_eos: bool = False) -> list[int]:
+    """Greedy tokens from plain full forward passes (no cache, no padding), stopping at eos (an id, or a list of them;
+    kept if `keep_eos`)."""
+    eos = set(eos) if isinstance(eos, (list, tuple, set)) else {eos}
     import torch
 
     out = list(ids)
     with torch.no_grad():
         for _ in range(steps):
             nxt = int(model(torch.tensor([out])).logits[0, -1].argmax())
-            if nxt == eos:
+            if nxt in eos:
+                if keep_eos:
+                    out.append(nxt)
                 break
             out.append(nxt)
     return out[len(ids) :]

@@ -83,7 +83,7 @@ def test_architecture_is_exact_and_invariant(model_type, tok):
     greedy = engine.generate(prompts, seeds, SamplingParams(max_new_tokens=12, temperature=0, nonempty_output=False))
     for prompt, r in zip(prompts, greedy, strict=True):
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        assert r.token_ids == argmax_reference(model, ids, 12, engine.eos_id), prompt
+        assert r.token_ids == argmax_reference(model, ids, 12, engine.eos_ids, keep_eos=True), prompt
 
     params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, stop=["fox"])
     ref = texts(engine.generate(prompts, seeds, params, batch_size=10))

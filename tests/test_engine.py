@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_temperature_zero_is_argmax_and_top_k_one_is_greedy(engine):
     greedy = engine.generate(prompts, seeds, SamplingParams(max_new_tokens=10, temperature=0, nonempty_output=False), 6)
     for p, r in zip(prompts, greedy, strict=True):
         ids = engine.tokenizer(p, add_special_tokens=False)["input_ids"]
-        assert r.token_ids == argmax_reference(engine.model, ids, 10, engine.eos_id)
+        assert r.token_ids == argmax_reference(engine.model, ids, 10, engine.eos_ids, keep_eos=True)
     topk1 = engine.generate(
         prompts,
         [s + 1 for s in seeds],
@@ -168,7 +169,52 @@ def test_min_new_tokens_suppresses_eos(tiny_model_dir):
     plain = eng.generate(prompts, seeds, SamplingParams(max_new_tokens=20, nonempty_output=False), 8)
     assert all(r.finish_reason == "eos" and r.num_generated_tokens == 1 and r.text == "" for r in plain)
     held = eng.generate(prompts, seeds, SamplingParams(max_new_tokens=20, min_new_tokens=5, nonempty_output=False), 8)
-    assert all(r.finish_reason == "eos" and len(r.token_ids) == 5 and r.num_generated_tokens == 6 for r in held)
+    assert all(r.finish_reason == "eos" and len(r.token_ids) == 6 == r.num_generated_tokens for r in held)
+    assert all(r.token_ids[-1] == eng.eos_id and eng.eos_id not in r.token_ids[:-1] for r in held)
+
+
+def test_every_eos_id_of_the_generation_config_ends_a_row(tiny_model_dir, tmp_path):
+    """A model whose generation config lists two eos ids (as Llama 3 and Qwen2.5 instruct models do): a row ends at
+    either, with finish_reason eos and the id as its last token, on the device; min_new_tokens holds both back; a
+    row's own stop_token_ids end it the same way (and only it)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "two-eos"
+    shutil.copytree(tiny_model_dir, folder)
+    eos = Engine.from_pretrained(str(tiny_model_dir), device="cpu").eos_id
+    second = 7 if eos != 7 else 8
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, second]}))
+    eng = Engine.from_pretrained(str(folder), device="cpu")
+    assert eng.eos_ids == [eos, second]
+    head = eng.model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    biased.weight = head.weight
+    with torch.no_grad():
+        biased.bias.zero_()
+        biased.bias[second] = 50.0  # the second eos is near certain at every step
+    eng.model.lm_head = biased
+    prompts, seeds = prompts_and_seeds(6, seed=21)
+    base = SamplingParams(max_new_tokens=20, nonempty_output=False, lstrip=False)
+    plain = eng.generate(prompts, seeds, base, 6)
+    assert all(r.finish_reason == "eos" and r.token_ids == [second] and r.text == "" for r in plain)
+    held = eng.generate(prompts, seeds, dataclasses.replace(base, min_new_tokens=4), 6)
+    for r in held:
+        assert r.finish_reason == "eos" and r.num_generated_tokens == len(r.token_ids) == 5 == len(r.token_logprobs)
+        assert r.token_ids[-1] == second and not {eos, second} & set(r.token_ids[:-1])
+    # stop_token_ids: a token the model (unbiased) picks often ends the rows that ask for it, and only those
+    eng.model.lm_head = head
+    free = eng.generate(prompts, seeds, dataclasses.replace(base, temperature=0), 6)
+    stop_at = free[0].token_ids[2]
+    mixed = [
+        dataclasses.replace(base, temperature=0, stop_token_ids=[stop_at]),
+        dataclasses.replace(base, temperature=0),
+    ]
+    got = eng.generate(prompts[:2], seeds[:2], mixed, 2)
+    assert (
+        got[0].finish_reason == "eos" and got[0].token_ids == free[0].token_ids[: free[0].token_ids.index(stop_at) + 1]
+    )
+    assert got[1].token_ids == free[1].token_ids
 
 
 def test_nonempty_output_redraws_deterministically(tiny_model_dir):
@@ -244,7 +290,7 @@ def _device_sample(logits: np.ndarray, params: SamplingParams, u: np.ndarray, st
         p,
         shape,
         torch.zeros(rows, dtype=torch.int64) if steps is None else steps,
-        None,
+        torch.tensor([], dtype=torch.int64),
         None if seen is None else torch.from_numpy(seen),
     ).numpy()
 
@@ -318,8 +364,17 @@ def test_device_sampler_suppresses_eos_before_min_new_tokens():
     p.set_rows(torch.arange(6), SamplingParams(temperature=1.0, min_new_tokens=2, max_new_tokens=5))
     steps = torch.tensor([0, 1, 2, 3, 0, 4])
     shape = SamplerShape.of(SamplingParams(), 10)
-    picks = sample(torch.from_numpy(logits), torch.full((6,), 0.5, dtype=torch.float64), p, shape, steps, 3)
+    picks = sample(
+        torch.from_numpy(logits), torch.full((6,), 0.5, dtype=torch.float64), p, shape, steps, torch.tensor([3])
+    )
     assert [t == 3 for t in picks.tolist()] == [False, False, True, True, False, True]
+    # a row's own stop token ids are held back the same way, and only that row's
+    logits[:, 7] = 60.0
+    p.set_rows(torch.tensor([0, 1]), SamplingParams(temperature=1.0, min_new_tokens=2, stop_token_ids=[7]))
+    picks = sample(
+        torch.from_numpy(logits), torch.full((6,), 0.5, dtype=torch.float64), p, shape, steps, torch.tensor([3])
+    )
+    assert [t not in (3, 7) for t in picks.tolist()[:2]] == [True, True] and picks.tolist()[2:] == [7, 7, 7, 7]
 
 
 def test_over_long_prompt_is_a_row_error_or_left_truncated(engine):
@@ -408,8 +463,9 @@ def test_logprobs_equal_a_full_forward_recomputation(engine):
     params = SamplingParams(max_new_tokens=10, temperature=1.3, top_k=30, top_p=0.9)
     res = engine.generate(prompts, seeds, params, batch_size=10)
     for prompt, r in zip(prompts, res, strict=True):
-        generated = r.token_ids + ([engine.eos_id] if r.finish_reason == "eos" else [])
+        generated = r.token_ids
         assert len(r.token_logprobs) == r.num_generated_tokens == len(generated)
+        assert (generated[-1] == engine.eos_id) == (r.finish_reason == "eos")
         ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             logits = engine.model(torch.tensor([ids + generated])).logits[0, len(ids) - 1 : -1]

@@ -63,9 +63,9 @@ def test_greedy_text_equals_hugging_face_generate(engine, prompts):
                 out = model.generate(ids, do_sample=False, max_new_tokens=32, pad_token_id=tok.pad_token_id)
             new = out[0, ids.shape[1] :].tolist()
             ended = tok.eos_token_id in new
-            new = new[: new.index(tok.eos_token_id)] if ended else new
-            assert r.token_ids == new, prompt
-            assert r.text == tok.decode(new, skip_special_tokens=True)
+            new = new[: new.index(tok.eos_token_id) + 1] if ended else new
+            assert r.token_ids == new, prompt  # the final eos included
+            assert r.text == tok.decode(new[:-1] if ended else new, skip_special_tokens=True)
             assert r.finish_reason == ("eos" if ended else "length")
             assert not any(t in r.text for t in TEMPLATE_TOKENS)
     finally:
@@ -81,7 +81,7 @@ def test_logprobs_equal_a_full_forward_pass(engine, prompts):
     seeds = [derive_seed(3, i) for i in range(4)]
     for prompt, r in zip(prompts[:4], engine.generate(prompts[:4], seeds, params, 4), strict=True):
         ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        generated = r.token_ids + ([engine.eos_id] if r.finish_reason == "eos" else [])
+        generated = r.token_ids
         assert len(generated) == len(r.token_logprobs) == r.num_generated_tokens
         with torch.no_grad():
             logits = engine.model(torch.tensor([ids + generated])).logits[0, len(ids) - 1 : -1]

@@ -60,6 +60,8 @@ class GenerationResult:
     num_generated_tokens: int = 0
     finish_reason: str = "error"  # eos | length | stop | error
     error: str | None = None
+    # The generated tokens, the final eos (or stop token id) included when the row ended with one: as many as
+    # `token_logprobs`, `num_generated_tokens` of them. The text decodes them without that final token.
     token_ids: list[int] = field(default_factory=list)
     attempts: int = 1
     # The model's log-softmax (before temperature, top-k, top-p or penalties) of each generated token, eos
@@ -165,7 +167,8 @@ class Engine:
         self._fingerprint: str | None = None
         cfg = model.config
         self.context_length = context_length(cfg)
-        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cfg.eos_token_id
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.eos_id = self.eos_ids[0] if self.eos_ids else None
         self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -406,7 +409,7 @@ class Engine:
                 prefill_rows=self.prefill_rows,
                 length=length,
                 shape=shape,
-                eos_id=self.eos_id,
+                eos_ids=self.eos_ids,
                 pad_id=self.pad_id,
                 device=self.device,
                 graphs=self.graphs,
@@ -447,8 +450,8 @@ class Engine:
                 free.append(slot)
                 if reason == "stop" and polled.alive[slot]:
                     stopped.append(slot)
-                steps = int(polled.steps[slot]) if reason == "eos" else n
-                self._finish(w, polled.tokens[slot, :n].tolist(), polled.logprobs[slot, :steps].tolist(), reason)
+                steps = int(polled.steps[slot]) if reason == "eos" else n  # the eos token is generated, not text
+                self._finish(w, polled.tokens[slot, :steps].tolist(), n, polled.logprobs[slot, :steps].tolist(), reason)
                 progress.tokens += w.result.num_generated_tokens
                 if self._redraw(w):
                     w.attempt, w.checked = w.attempt + 1, 0
@@ -493,15 +496,16 @@ class Engine:
     def _redraw(w: _Work) -> bool:
         return w.params.nonempty_output and not w.result.text.strip() and w.attempt + 1 < MAX_ATTEMPTS
 
-    def _finish(self, w: _Work, token_ids: list[int], logprobs: list[float], reason: str) -> None:
+    def _finish(self, w: _Work, token_ids: list[int], n_text: int, logprobs: list[float], reason: str) -> None:
+        """Record a finished item: `token_ids` generated (a final eos included), the first `n_text` of them its text."""
         r, p = w.result, w.params
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=p.skip_special_tokens)
+        text = self.tokenizer.decode(token_ids[:n_text], skip_special_tokens=p.skip_special_tokens)
         if reason == "stop":
             text = w.matcher.cut(text)
         if p.lstrip:
             text = text.lstrip()
         r.text, r.token_ids, r.finish_reason, r.error = text, token_ids, reason, None
-        r.num_generated_tokens = len(token_ids) + (reason == "eos")
+        r.num_generated_tokens = len(token_ids)
         r.token_logprobs, r.cumulative_logprob = logprobs, float(sum(logprobs))
         r.attempts = w.attempt + 1
 
@@ -519,7 +523,7 @@ class Engine:
             prefill_rows=2,
             length=64,
             shape=shape,
-            eos_id=self.eos_id,
+            eos_ids=self.eos_ids,
             pad_id=self.pad_id,
             device=self.device,
             graphs=False,
@@ -555,7 +559,7 @@ class Engine:
                     prefill_rows=2,
                     length=cache_length(bucket, steps),
                     shape=SamplerShape(self.vocab_size, self.vocab_size, False, False),
-                    eos_id=self.eos_id,
+                    eos_ids=self.eos_ids,
                     pad_id=self.pad_id,
                     device=self.device,
                     graphs=False,
@@ -599,6 +603,19 @@ class _Progress:
         if self.callback and (self.done, self.tokens) != self._reported:
             self._reported = (self.done, self.tokens)
             self.callback(self.done, self.tokens)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a row: the tokenizer's eos first, then the ones the model's generation config lists (an
+    instruct model often has several: Llama 3's `<|eot_id|>` and `<|end_of_text|>`, Qwen2.5's `<|im_end|>` and
+    `<|endoftext|>`). Without a generation config, the model config's."""
+    ids = [tokenizer.eos_token_id]
+    gen = getattr(model, "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), getattr(model.config, "eos_token_id", None)):
+        if source is not None:
+            ids += list(source) if isinstance(source, (list, tuple)) else [source]
+            break
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
 def _reach(w: _Work) -> int:

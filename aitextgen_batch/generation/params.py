@@ -7,6 +7,8 @@ from typing import Literal
 
 from ..config import check, check_range
 
+MAX_STOP_TOKEN_IDS = 16  # per row: they are a fixed-width tensor in the decode step
+
 
 @dataclass
 class SamplingParams:
@@ -19,6 +21,12 @@ class SamplingParams:
     top_p: float = field(default=1.0, metadata={"help": "nucleus: smallest set with this probability, in (0, 1]"})
     repetition_penalty: float = field(default=1.0, metadata={"help": "> 0; > 1 discourages repeats (CTRL rule)"})
     stop: list[str] = field(default_factory=list, metadata={"help": "stop strings; text is cut before the first"})
+    stop_token_ids: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": f"token ids that end a row as eos does (besides the model's eos ids), at most {MAX_STOP_TOKEN_IDS}"
+        },
+    )
     prefix: str = field(default="", metadata={"help": "text put before every prompt"})
     prepend_bos: bool = field(default=False, metadata={"help": "start every prompt with the bos token"})
     lstrip: bool = field(default=True, metadata={"help": "strip leading whitespace from the generated text"})
@@ -44,6 +52,21 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
+        if isinstance(self.stop_token_ids, int):
+            self.stop_token_ids = [self.stop_token_ids]
+        self.stop_token_ids = list(self.stop_token_ids)
+        check(
+            all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in self.stop_token_ids),
+            "stop_token_ids",
+            "must be token ids (integers >= 0)",
+            self.stop_token_ids,
+        )
+        check(
+            len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+            "stop_token_ids",
+            f"takes at most {MAX_STOP_TOKEN_IDS} ids",
+            self.stop_token_ids,
+        )
 
     @property
     def greedy(self) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .params import SamplingParams
+from .params import MAX_STOP_TOKEN_IDS, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,11 @@ class RowParams:
         self.penalty = torch.ones(rows, dtype=torch.float32, device=device)
         self.min_new = torch.zeros(rows, **i64)
         self.max_new = torch.ones(rows, **i64)
+        # The row's own stop token ids (rows, 16), padded by repeating its first, and whether the row has any (a row
+        # without holds `pad_stop` everywhere, marked not real).
+        self.stop_ids = torch.zeros((rows, MAX_STOP_TOKEN_IDS), **i64)
+        self.stop_valid = torch.zeros((rows, MAX_STOP_TOKEN_IDS), dtype=torch.bool, device=device)
+        self.pad_stop = 0
 
     def set_rows(self, rows: torch.Tensor, params: SamplingParams) -> None:
         """Write `params` into the given rows (in place: captured graphs read these tensors)."""
@@ -68,6 +73,12 @@ class RowParams:
         self.penalty.index_fill_(0, rows, params.repetition_penalty)
         self.min_new.index_fill_(0, rows, params.min_new_tokens)
         self.max_new.index_fill_(0, rows, params.max_new_tokens)
+        ids = list(params.stop_token_ids)
+        valid = [bool(ids)] * MAX_STOP_TOKEN_IDS  # padding copies the first id, so it is as real as that one
+        ids = ids + [ids[0] if ids else self.pad_stop] * (MAX_STOP_TOKEN_IDS - len(ids))
+        n = len(rows)
+        self.stop_ids.index_copy_(0, rows, torch.tensor([ids] * n, dtype=torch.int64).to(rows.device))
+        self.stop_valid.index_copy_(0, rows, torch.tensor([valid] * n, dtype=torch.bool).to(rows.device))
 
 
 def _candidates(lg: torch.Tensor, top_k: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +125,7 @@ def sample(
     p: RowParams,
     shape: SamplerShape,
     steps: torch.Tensor,
-    eos_id: int | None,
+    eos_ids: torch.Tensor,
     seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Choose one token per row.
@@ -125,7 +136,8 @@ def sample(
         p: per-row parameters; a row with temperature 0 takes the argmax (lowest id on ties).
         shape: the block's sampler shape.
         steps: (rows,) tokens generated so far (eos is suppressed while below `p.min_new`).
-        eos_id: the eos token, or None.
+        eos_ids: (n,) the model's eos ids (maybe none); with each row's `p.stop_ids`, they are suppressed while the
+            row is below `p.min_new` tokens.
         seen: (rows, vocab) bool, tokens already in the row, when the repetition penalty runs.
 
     Returns:
@@ -135,8 +147,12 @@ def sample(
     if shape.penalty and seen is not None:
         rp = p.penalty[:, None]
         lg = torch.where(seen, torch.where(lg > 0, lg / rp, lg * rp), lg)
-    if eos_id is not None:
-        lg[:, eos_id] = torch.where(steps < p.min_new, float("-inf"), lg[:, eos_id])
+    early = (steps < p.min_new)[:, None]
+    if eos_ids.numel():
+        lg[:, eos_ids] = torch.where(early, float("-inf"), lg[:, eos_ids])
+    # A row's columns are its ids (padding repeats one) or, without any, one column written back as read: duplicate
+    # columns always receive the same value.
+    lg.scatter_(1, p.stop_ids, torch.where(early & p.stop_valid, float("-inf"), lg.gather(1, p.stop_ids)))
     greedy = lg.argmax(dim=-1)
 
     if shape.candidates < shape.vocab:

@@ -110,14 +110,16 @@ class Decoder:
         prefill_rows: int,
         length: int,
         shape: SamplerShape,
-        eos_id: int | None,
+        eos_ids: list[int],
         pad_id: int,
         device: torch.device,
         graphs: bool,
         pool=None,
     ):
         self.runner, self.slots, self.prefill_rows, self.length = runner, slots, prefill_rows, length
-        self.shape, self.eos_id, self.pad_id, self.device = shape, eos_id, pad_id, device
+        self.shape, self.pad_id, self.device = shape, pad_id, device
+        self.eos_id = eos_ids[0] if eos_ids else None  # a dummy prefill row's one token
+        self.eos_ids = torch.tensor(eos_ids, dtype=torch.int64, device=device)
         self.use_graphs, self.pool = graphs, pool
         s, i64 = slots, dict(dtype=torch.int64, device=device)
         self.cache = SlotCache(runner.num_layers, s, length, device)
@@ -132,6 +134,7 @@ class Decoder:
         self.logprobs = torch.zeros((s, length + 1), dtype=torch.float32, device=device)
         self.seen = torch.zeros((s, shape.vocab), dtype=torch.bool, device=device) if shape.penalty else None
         self.params = RowParams(s, device)
+        self.params.pad_stop = self.eos_id or 0
         self._prefills: dict[int, _PrefillInputs] = {}
         self._step_graphs: dict[int, object] = {}  # attention width -> captured decode step
         self.warmup_seconds = 0.0
@@ -163,7 +166,7 @@ class Decoder:
         cache positions (device only)."""
         logits = self.logits[: self.slots]
         draws = uniform_tensor(self.key, self.step)
-        tok = sample(logits, draws, self.params, self.shape, self.step, self.eos_id, self.seen)
+        tok = sample(logits, draws, self.params, self.shape, self.step, self.eos_ids, self.seen)
         self.tokens.scatter_(1, self.step[:, None], tok[:, None])
         # The model's own log-probability of the token (a per-row reduction over the vocabulary).
         logprob = logits.gather(1, tok[:, None]) - torch.logsumexp(logits, dim=-1, keepdim=True)
@@ -172,10 +175,11 @@ class Decoder:
             self.seen.scatter_(1, tok[:, None], True)
         ends = self.step + 1 >= self.params.max_new
         code = torch.full_like(self.finish, LENGTH)
-        if self.eos_id is not None:
-            is_eos = tok == self.eos_id
-            ends = ends | is_eos
-            code = torch.where(is_eos, EOS, code)
+        # Any of the model's eos ids, or of the row's own stop token ids (padded with copies of one of them).
+        own = ((tok[:, None] == self.params.stop_ids) & self.params.stop_valid).any(dim=-1)
+        is_eos = own | (tok[:, None] == self.eos_ids).any(dim=-1)
+        ends = ends | is_eos
+        code = torch.where(is_eos, EOS, code)
         now = self.alive & ends
         self.finish.copy_(torch.where(now, code, self.finish))
         at = torch.clamp(self.base + self.step, max=self.length - 1)  # finished rows idle in bounds
