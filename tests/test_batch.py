@@ -206,51 +206,97 @@ def test_overwrite_starts_again(reference, tiny_model_dir, prompts_dir, tmp_path
     assert pd.read_parquet(out).num_generated_tokens.max() <= 3
 
 
-def _busy_worker_pids() -> list[int]:
-    """Actor processes running a shard now (Ray titles them `ray::GenerationWorker.run` while a task runs): never an
-    idle actor, nor one of an earlier job still shutting down."""
+def _worker_pids(task: str = "") -> list[int]:
+    """Generation actor processes (Ray titles them `ray::GenerationWorker`, `ray::GenerationWorker.run` while a shard
+    runs, `ray::GenerationWorker.__init__` while the model loads); with `task`, only those running it."""
     import psutil
 
+    title = "ray::GenerationWorker" + (f".{task}" if task else "")
     return [
         p.pid
         for p in psutil.process_iter(["cmdline"])
-        if any("GenerationWorker.run" in c for c in (p.info["cmdline"] or []))
+        if any(c.strip() == title or (not task and c.startswith(title)) for c in (p.info["cmdline"] or []))
     ]
 
 
-@pytest.mark.slow
-def test_actor_sigkilled_mid_job_is_restarted_and_output_is_exact(reference, tiny_model_dir, prompts_dir, tmp_path):
-    out = tmp_path / "out"
-    result = {}
+def _busy_worker_pids() -> list[int]:
+    """Actor processes running a shard now: never an idle actor, nor one of an earlier job still shutting down."""
+    return _worker_pids("run")
 
-    def run():
-        result["summary"] = generate_dataset(
-            input=str(prompts_dir),
-            output=str(out),
-            model=str(tiny_model_dir),
-            num_actors=2,
-            shard_rows=4,
-            batch_size=4,
-            num_return_sequences=2,
-            **BASE,
-        )
 
-    t = threading.Thread(target=run)
+def _done_pids(out: Path) -> set[int]:
+    """The processes that wrote the finished shards (each completion record names its actor's pid)."""
+    return {json.loads(p.read_text())["pid"] for p in out.glob("_done/*.json")}
+
+
+def _in_thread(**options):
+    """Start `generate_dataset(**options)` in a thread; returns (thread, dict that gets the summary)."""
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("summary", generate_dataset(**options)))
     t.start()
-    killed = None
-    deadline = time.time() + 120
-    while time.time() < deadline and killed is None:
-        done = len(list((out / "_done").glob("*.json"))) if (out / "_done").exists() else 0
-        pids = _busy_worker_pids()
-        if done >= 2 and pids:
-            killed = pids[0]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.05)
+    return t, result
+
+
+def _wait_for(what, timeout: float = 120):
+    """Poll `what()` until it is truthy (returned) or `timeout` seconds pass (None)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = what()
+        if got:
+            return got
+        time.sleep(0.02)
+    return None
+
+
+@pytest.mark.slow
+def test_actor_sigkilled_mid_job_is_restarted_takes_shards_again_and_output_is_exact(
+    reference, tiny_model_dir, prompts_dir, tmp_path
+):
+    out = tmp_path / "out"
+    t, result = _in_thread(
+        input=str(prompts_dir), output=str(out), model=str(tiny_model_dir), num_actors=2, shard_rows=4, batch_size=4,
+        num_return_sequences=2, **BASE,
+    )  # fmt: skip
+    killed = _wait_for(lambda: len(list(out.glob("_done/*.json"))) >= 2 and _busy_worker_pids())
+    assert killed, "no actor process found to kill"
+    others = [p for p in _worker_pids() if p != killed[0]]
+    os.kill(killed[0], signal.SIGKILL)
+    # The other actor is paused, so the shards left can only be done by the restarted one: it must take work again.
+    for p in others:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        back = _wait_for(lambda: _done_pids(out) - {killed[0], *others}, timeout=90)
+    finally:
+        for p in others:
+            os.kill(p, signal.SIGCONT)
     t.join(300)
-    assert killed is not None, "no actor process found to kill"
+    assert back, "the restarted actor never ran a shard again"
     s = result["summary"]
-    assert s["status"] == "complete" and s["shards_done"] == 30 and s["actor_restarts"] >= 1
+    assert s["status"] == "complete" and s["shards_done"] == 30 and s["actor_restarts"] >= 1 and s["actors"] == 2
     assert texts(out) == texts(reference)
+
+
+@pytest.mark.slow
+def test_the_only_actor_killed_while_loading_and_mid_job_comes_back(tiny_model_dir, tmp_path, ray_local, capsys):
+    inp = write_prompts(tmp_path / "in", n_files=1, rows=48)
+    out = tmp_path / "out"
+    job = dict(input=str(inp), model=str(tiny_model_dir), num_actors=1, shard_rows=4, batch_size=4, **BASE)
+    t, result = _in_thread(output=str(out), **job)
+    loading = _wait_for(lambda: _worker_pids("__init__"))
+    assert loading, "no actor process found loading the model"
+    os.kill(loading[0], signal.SIGKILL)
+    busy = _wait_for(lambda: len(list(out.glob("_done/*.json"))) >= 2 and _busy_worker_pids())
+    assert busy, "the actor killed while loading never ran a shard"
+    os.kill(busy[0], signal.SIGKILL)
+    t.join(300)
+    s = result["summary"]
+    assert s["status"] == "complete" and s["shards_done"] == 12 and s["shards_failed"] == 0
+    assert s["actor_restarts"] == 1 and s["actors"] == 1 and len(_done_pids(out)) >= 2
+    err = capsys.readouterr().err
+    assert "actor 0 died while generating shard" in err and "actor 0 is back after" in err
+    # the restarted actor's rows are the bytes an undisturbed run makes
+    generate_dataset(output=str(tmp_path / "here"), **{**job, **HERE})
+    assert texts(out) == texts(tmp_path / "here")
 
 
 @pytest.mark.slow

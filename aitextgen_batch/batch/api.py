@@ -433,7 +433,7 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
                 if cfg.in_process:
                     stats = run_shards_here(options, res.threads, job, pending, **run)
                 else:
-                    stats = run_shards(actors, job, pending, on_tick=progress.tick, **run)
+                    stats = run_shards(actors, job, pending, on_tick=progress.tick, on_note=progress.note, **run)
                 outcome.actors = stats.actors_started
                 outcome.actor_restarts, outcome.retries = stats.actor_restarts, stats.retries
     finally:
