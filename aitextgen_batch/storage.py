@@ -212,6 +212,18 @@ def expand_inputs(spec: str, patterns: tuple[str, ...] = ("*.parquet",)) -> tupl
     raise UserError(f"--input {spec!r} does not exist (pass a Parquet file, a folder of them, or a glob)")
 
 
+def file_digest(uri: str) -> tuple[int, str]:
+    """(size in bytes, sha256) of a local or remote file, streamed 4 MiB at a time."""
+    fs, path = filesystem(uri)
+    sha = hashlib.sha256()
+    size = 0
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
+
+
 def open_parquet(uri: str):
     fs, path = filesystem(uri)
     import pyarrow.parquet as pq

@@ -181,6 +181,37 @@ def test_rerun_skips_finished_shards_and_refuses_other_params(reference, tiny_mo
         )
 
 
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_an_edited_input_is_not_resumed_into_mixed_output(tiny_model_dir, tmp_path, capsys, kind):
+    def write(prompts: list[str]) -> Path:
+        path = tmp_path / f"in.{kind}"
+        rows = [{"id": f"r{i}", "prompt": p} for i, p in enumerate(prompts)]
+        if kind == "parquet":
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    inp = write([f"the fox {w}" for w in WORDS[:6]])
+    out = tmp_path / "out"
+    job = dict(input=str(inp), output=str(out), model=str(tiny_model_dir), shard_rows=2, **HERE)
+    assert generate_dataset(**job)["status"] == "complete"
+    (out / "_done/00001.json").unlink()  # as after an interrupted run
+    (out / "part-00001.parquet").unlink()
+    write([f"a lazy dog {w}" for w in WORDS[6:12]])  # other prompts, the same row count
+    edited = rf"holds a job made from other input: in\.{kind} changed since the job read it"
+    with pytest.raises(UserError, match=edited):
+        generate_dataset(**job)
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.parquet", "part-00002.parquet"]
+    # verify notices too: the output no longer answers to the input
+    capsys.readouterr()
+    assert main(["verify", "--output", str(out), "--sample", "2"]) == 1
+    assert f"input {inp} changed since the job read it" in capsys.readouterr().out
+    s = generate_dataset(**job, overwrite=True)
+    assert s["status"] == "complete" and s["shards_skipped"] == 0
+    assert set(pd.read_parquet(out).prompt) == {f"a lazy dog {w}" for w in WORDS[6:12]}
+
+
 def _copy_job(job_dir: Path, dest: Path) -> Path:
     """A copy of a finished job's folder that is a job of its own (its manifest names its new place)."""
     import shutil

@@ -303,7 +303,7 @@ def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> 
         sampling=to_dict(cfg.sampling),
         job_seed=cfg.seed,
         columns=columns,
-        inputs=[[f.name, f.rows] for f in inputs.files],
+        inputs=[f.identity for f in inputs.files],
         shard_rows=cfg.shard_rows,
         engine=numerics,
         chat=checked.chat,

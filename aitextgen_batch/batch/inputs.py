@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..storage import Location, expand_inputs, open_parquet
+from ..storage import Location, expand_inputs, file_digest, open_parquet
 from .manifest import Columns, InputFile
 
 
@@ -123,7 +123,8 @@ def validate_inputs(spec: str, columns: Columns, staging: Path | None = None) ->
             types.setdefault(col, t)
         _check_types(path, columns, types)
         name = path[len(root) :].lstrip("/") if path.startswith(root + "/") else path.rsplit("/", 1)[-1]
-        files.append(InputFile(path, name, pf.metadata.num_rows))
+        size, sha256 = file_digest(path)  # the job's identity holds each input's contents, not only its name
+        files.append(InputFile(path, name, pf.metadata.num_rows, bytes=size, sha256=sha256))
     check = InputCheck(files, types, bool(use_id), "string", root, staged)
     if use_id:
         _check_unique_ids(check, id_column)
