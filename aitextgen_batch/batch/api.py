@@ -277,6 +277,9 @@ def check_job(cfg: GenerateConfig) -> CheckedJob:
         checked.fingerprint = facts.fingerprint
         if cfg.chat or cfg.messages_column:
             renderer = ChatRenderer(facts.tokenizer, cfg.chat_template, cfg.system_prompt)
+            refused = renderer.refuses_every_row(every_row_is_one_user_message=cfg.chat)
+            if refused:
+                raise UserError(refused)
             mode = "messages" if cfg.messages_column else "prompt"
             checked.chat = ChatSpec(mode, renderer.template_sha256, cfg.system_prompt)
             checked.chat_template = renderer.template
@@ -455,7 +458,17 @@ def _prepare_output(
         mf.wipe(out)
         old = None
     if old is not None:
-        mf.check_compatible(old, job.identity, out)
+        try:
+            mf.check_compatible(old, job.identity, out)
+        except UserError:
+            if out.list(mf.DONE_DIR, pattern="*.json"):
+                raise
+            # A job that finished no shard (refused, failed or stopped before its first) has no rows to mix with:
+            # the corrected rerun starts again instead of being refused.
+            log.warning("%s holds a job made differently that finished no shard: starting again", out)
+            mf.wipe(out)
+            old = None
+    if old is not None:
         job.created = old.created or t0
     elif out.list(pattern="*.parquet"):
         raise UserError(f"--output {out} already holds Parquet files from something else; use an empty folder")

@@ -256,9 +256,10 @@ def run_shards_here(
             for attempt in range(1, max_attempts + 1):
                 try:
                     record = _run_checked(engine, job, s, batch_size)
-                # A shard's own failure (an unreadable file, a damaged page, ...), as a Ray task error would be;
-                # the cause is kept in the message.
-                except (RuntimeError, ValueError, OSError, KeyError, IndexError) as exc:
+                # A shard's own failure (an unreadable file, a damaged page, ...), whatever its type, as a Ray task
+                # error would be: retried, then the shard is failed with the cause in the message (rows' own errors
+                # never get here, they are error rows). Ctrl-C (not an Exception) still stops the run.
+                except Exception as exc:
                     if attempt == max_attempts:
                         on_fail(s, f"failed {attempt} times; last error: {_first_line(exc)}")
                     else:
