@@ -64,6 +64,15 @@ def check_range(name: str, value, lo=None, hi=None, *, lo_open: bool = False) ->
         check(False, name, "must be " + " and ".join(x for x in (left, right) if x), value)
 
 
+SEED_MAX = (1 << 63) - 1  # the one seed rule: every seed (flags, seed columns, the Python API) is in [0, 2**63-1]
+
+
+def check_seed(name: str, value) -> None:
+    """The one rule of every seed a user gives: an integer in [0, 2**63-1] (a seed column holds int64)."""
+    check(isinstance(value, int) and not isinstance(value, bool), name, "must be an integer", value)
+    check(0 <= value <= SEED_MAX, name, "must be an integer in [0, 2**63-1]", value)
+
+
 def check_at_most(name: str, value, hi, why: str = "") -> None:
     """A size's sane upper bound (after `check_range` took its type and lower bound): every size a user gives has
     one, checked up front with the flag named, so an absurd value is refused instead of exhausting memory."""

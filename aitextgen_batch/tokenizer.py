@@ -6,9 +6,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import check, check_range
+from .config import check, check_at_most, check_range, check_seed
 from .errors import UserError
 
+MAX_VOCAB = 1 << 20  # beyond any model's vocabulary; the BPE trainer aborts the process on sizes near 1e9
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
@@ -33,6 +34,7 @@ def train_tokenizer(
     from transformers import PreTrainedTokenizerFast
 
     check_range("vocab_size", vocab_size, 258)  # 256 bytes + 2 special tokens
+    check_at_most("vocab_size", vocab_size, MAX_VOCAB)
     files = [str(p) for p in (inputs or [])]
     for f in files:
         check_text_file(Path(f))
@@ -103,14 +105,16 @@ class TrainTokenizerConfig:
     """Train a byte-level BPE tokenizer on text files and save it as a Hugging Face folder."""
 
     input: list[Path] = field(default_factory=list, metadata={"help": "text files to train on"})
-    vocab_size: int = field(default=5000, metadata={"help": "vocabulary size, >= 258"})
+    vocab_size: int = field(default=5000, metadata={"help": "vocabulary size, 258 to 1048576"})
     output: Path = field(default=Path("tokenizer"), metadata={"help": "folder to write"})
     min_frequency: int = field(default=2, metadata={"help": "minimum pair count for a merge, >= 1"})
 
     def __post_init__(self):
         check(bool(self.input), "input", "needs at least one text file")
         check_range("vocab_size", self.vocab_size, 258)
+        check_at_most("vocab_size", self.vocab_size, MAX_VOCAB)
         check_range("min_frequency", self.min_frequency, 1)
+        check_at_most("min_frequency", self.min_frequency, 1_000_000_000)
 
 
 @dataclass
@@ -126,3 +130,4 @@ class InitModelConfig:
         from .models.presets import PRESETS
 
         check(self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}", self.preset)
+        check_seed("seed", self.seed)

@@ -510,6 +510,30 @@ def test_truncated_part_file_is_noticed_and_redone(reference, tiny_model_dir, pr
     assert texts(out) == texts(reference)
 
 
+@pytest.mark.timeout(120)
+def test_a_glob_without_a_folder_reads_the_current_folder_like_a_shell_and_never_hangs(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    data = write_prompts(tmp_path / "data", n_files=2, rows=3)
+    write_prompts(data / "nested", n_files=1, rows=3, start=100)  # `*.parquet` does not reach into subfolders
+    monkeypatch.chdir(data)
+    flags = ["--model", str(tiny_model_dir), "--max-new-tokens", "4", "--in-process", "--quiet"]
+    # the output lies in the folder the glob reads, but the glob cannot match its part files: accepted, and a rerun
+    # reads the same two files
+    for _ in range(2):
+        assert main(["generate", "--input", "*.parquet", "--output", "out", *flags]) == 0
+    assert sorted(pd.read_parquet(data / "out").id) == [f"item-{i:05d}" for i in range(6)]
+    s = generate_dataset(input="n*/*.parquet", output=str(tmp_path / "nested-out"), **HERE, model=str(tiny_model_dir))
+    assert s["rows"] == 3 and set(pd.read_parquet(tmp_path / "nested-out").id) == {
+        "item-00100",
+        "item-00101",
+        "item-00102",
+    }
+    # a glob that would read the output's part files on a rerun is refused
+    with pytest.raises(UserError, match=r"--output 'results' is inside --input '\*/\*\.parquet'"):
+        generate_dataset(input="*/*.parquet", output="results", **HERE, model=str(tiny_model_dir))
+
+
 def test_checks_run_before_ray_and_a_dead_address_is_an_error_not_a_hang(tiny_model_dir, prompts_dir, tmp_path):
     dead = f"127.0.0.1:{free_port()}"
     start = time.monotonic()

@@ -77,6 +77,66 @@ def test_python_api_values_are_checked_like_flags():
         build_config(GenerateConfig, {"input": "i", "output": "o", "temperature": float("inf")})
 
 
+# The flags each command requires, so that a check of one other flag is reached.
+REQUIRED = {
+    "train-tokenizer": ["--input", "corpus.txt"],
+    "generate": ["--input", "in.parquet", "--output", "out"],
+    "replay": ["--prompt", "the fox", "--seed", "1"],
+    "verify": ["--output", "out"],
+    "prepare": ["--input", "corpus.txt", "--tokenizer", "tok", "--output", "cache"],
+    "finetune": ["--dataset", "cache", "--output", "out"],
+}
+
+
+def _int_options() -> list[tuple[str, str]]:
+    return [
+        (name, f.name)
+        for name, (cls, _) in _commands().items()
+        for f, tp in _fields(cls)
+        if _unwrap_optional(tp)[0] is int
+    ]
+
+
+@pytest.mark.parametrize("value", [10**30, 2**64])
+def test_every_integer_option_has_an_upper_bound_checked_up_front(capsys, value):
+    options = _int_options()
+    assert {c for c, _ in options} == {*REQUIRED, "init-model"} - {"info", "submit"} and len(options) >= 40
+    unbounded = []
+    for command, name in options:
+        argv = [command, *REQUIRED.get(command, []), flag(name), str(value)]
+        if name == "prefill_rows":
+            argv += ["--slots", "64"]
+        try:
+            parse(argv)
+        except SystemExit as e:
+            err = capsys.readouterr().err
+            assert e.code == 2 and err.count("\n") <= 3 and f"{name} ({flag(name)}) must be" in err, (argv, err)
+            assert f"got {value}" in err and ("<=" in err or "[0, 2**63-1]" in err), (argv, err)
+            continue
+        unbounded.append(f"{command} {flag(name)}")
+    assert not unbounded, f"no upper bound: {unbounded}"
+
+
+def test_seeds_follow_one_rule_everywhere(capsys):
+    from aitextgen_batch.generation.seeds import sample_seed
+
+    for argv in (
+        ["replay", "--prompt", "p", "--seed", "-5"],
+        ["replay", "--prompt", "p", "--seed", str(2**64)],
+        ["generate", *REQUIRED["generate"], "--seed", str(2**63)],
+        ["finetune", *REQUIRED["finetune"], "--seed", str(2**64)],
+        ["init-model", "--seed", "-1"],
+        ["verify", "--output", "out", "--seed", "-1"],
+    ):
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert "seed (--seed) must be an integer in [0, 2**63-1], got" in capsys.readouterr().err
+    assert parse(["replay", "--prompt", "p", "--seed", str(2**63 - 1)])[1].seed == 2**63 - 1
+    for bad in (-5, 2**64, 2**63):
+        with pytest.raises(UserError, match=r"must be an integer in \[0, 2\*\*63-1\]"):
+            sample_seed(bad, 0)
+
+
 def test_invalid_value_names_flag_and_range(capsys):
     with pytest.raises(SystemExit) as e:
         parse(["train-tokenizer", "--input", "a.txt", "--vocab-size", "10"])

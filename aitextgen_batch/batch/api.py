@@ -10,7 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from ..config import check, check_range, to_dict
+from ..config import check, check_at_most, check_range, check_seed, to_dict
 from ..errors import UserError
 from ..generation.options import EngineConfig
 from ..generation.params import SamplingParams
@@ -19,6 +19,13 @@ from . import manifest as mf
 from .manifest import ChatSpec, Columns, DoneRecord, Identity, JobSpec, ModelSpec, Numerics
 
 log = logging.getLogger("aitextgen_batch")
+
+# Upper bounds of the job's sizes, far beyond any use: each is refused up front with its flag named.
+MAX_SHARD_ROWS = 1_000_000
+MAX_BATCH_SIZE = 1 << 20
+MAX_ATTEMPTS = 100
+MAX_ACTORS = 10_000
+MAX_GPUS_PER_ACTOR = 64
 
 
 @dataclass
@@ -89,14 +96,19 @@ class GenerateConfig:
     def __post_init__(self):
         check(bool(self.input), "input", "is required: a Parquet file, folder or glob")
         check(bool(self.output), "output", "is required: the folder to write results to")
-        check_range("seed", self.seed, 0)
+        check_seed("seed", self.seed)
         check_range("shard_rows", self.shard_rows, 1)
+        check_at_most("shard_rows", self.shard_rows, MAX_SHARD_ROWS, " (a shard's rows are held by its actor)")
         check_range("batch_size", self.batch_size, 1)
+        check_at_most("batch_size", self.batch_size, MAX_BATCH_SIZE)
         check_range("max_shard_attempts", self.max_shard_attempts, 1)
+        check_at_most("max_shard_attempts", self.max_shard_attempts, MAX_ATTEMPTS)
         if self.num_actors is not None:
             check_range("num_actors", self.num_actors, 1)
+            check_at_most("num_actors", self.num_actors, MAX_ACTORS)
         if self.gpus_per_actor is not None:
             check_range("gpus_per_actor", self.gpus_per_actor, 0)
+            check_at_most("gpus_per_actor", self.gpus_per_actor, MAX_GPUS_PER_ACTOR)
         if isinstance(self.keep_columns, str):
             self.keep_columns = [self.keep_columns]
         check(

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..storage import Location, expand_inputs, file_digest, open_parquet
-from .manifest import Columns, InputFile
+from ..storage import Location, expand_inputs, file_digest, glob_matches, open_parquet, split_glob
+from .manifest import Columns, InputFile, part_name, staged_name
 
 
 @dataclass
@@ -183,7 +183,7 @@ def check_output_apart(output: str, spec: str, check: InputCheck) -> None:
     """
     out = Location(output).uri.rstrip("/")
     root = check.root.rstrip("/")
-    if _is_folder_input(spec) and (out == root or out.startswith(root + "/")):
+    if _reads_output(spec, root, out):
         raise UserError(
             f"--output {output!r} is inside --input {spec!r}: a rerun would read its own results as input. "
             "Choose an --output outside the input folder"
@@ -197,8 +197,16 @@ def check_output_apart(output: str, spec: str, check: InputCheck) -> None:
             )
 
 
-def _is_folder_input(spec: str) -> bool:
-    return any(ch in spec for ch in "*?[") or Location(spec).is_dir()
+def _reads_output(spec: str, root: str, out: str) -> bool:
+    """Whether a rerun of `--input spec` (its files under `root`) would read result files written into `out`."""
+    if out != root and not out.startswith(root + "/"):
+        return False
+    _, pattern = split_glob(spec)
+    if pattern is None:  # a folder is searched recursively; a single file reads only itself
+        return Location(spec).is_dir()
+    inside = out[len(root) :].strip("/")
+    results = [part_name(0), staged_name(0)]  # where a job writes Parquet files in OUT
+    return any(glob_matches(f"{inside}/{name}".lstrip("/"), pattern) for name in results)
 
 
 def _stringy(t) -> bool:

@@ -7,12 +7,14 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import check, check_range
+from ..config import check, check_at_most, check_range, check_seed
 from ..errors import UserError
 from ..storage import Location
 from . import manifest as mf
 from .manifest import JobSpec
 from .shard import LOGPROB_FIELDS, PARAMS_FIELD, TOKEN_FIELDS, logprob_values
+
+MAX_SAMPLE = 1_000_000
 
 
 def load_job(output: str | Path) -> JobSpec:
@@ -293,8 +295,13 @@ class VerifyConfig:
     def __post_init__(self):
         check(bool(self.output), "output", "is required")
         check_range("sample", self.sample, 1)
+        check_at_most("sample", self.sample, MAX_SAMPLE, " (re-generated rows are held together)")
+        check_seed("seed", self.seed)
         if self.threads is not None:
+            from ..generation.options import MAX_THREADS
+
             check_range("threads", self.threads, 1)
+            check_at_most("threads", self.threads, MAX_THREADS)
 
 
 def run_verify(cfg: VerifyConfig) -> int:
