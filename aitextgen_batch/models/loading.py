@@ -116,13 +116,42 @@ def _check_device_dtype(device: str, dtype) -> None:
         )
 
 
+# Sizes a config may state (GPT-2 and Llama-style names): each must be a positive integer when given.
+CONFIG_SIZES = (
+    "n_layer", "num_hidden_layers", "n_head", "num_attention_heads", "num_key_value_heads", "n_embd", "hidden_size",
+    "n_inner", "intermediate_size", "vocab_size", "n_positions", "n_ctx", "max_position_embeddings", "head_dim",
+)  # fmt: skip
+
+
+def check_config_file(folder: str | Path) -> None:
+    """Refuse a `config.json` that is not a JSON object, or that states a size that is not a positive integer.
+
+    Raises:
+        UserError: naming the file, the key and its value.
+    """
+    import json
+
+    path = Path(folder) / "config.json"
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{str(path)!r} is not readable JSON ({exc}); fix or re-save the model folder") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object of config keys; fix it")
+    for key in CONFIG_SIZES:
+        value = data.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise UserError(f"{str(path)!r}: {key} is {value!r}; it must be a positive integer (fix the config)")
+
+
 def load_config(folder: str | Path, trust_remote_code: bool = False):
     """A model folder's config (`config.json`); an unreadable or invalid one is a UserError naming the file."""
     from transformers import AutoConfig
 
+    check_config_file(folder)
     try:
         return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code, local_files_only=True)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         raise UserError(_load_error(folder, "config.json", exc)) from exc
 
 
@@ -149,7 +178,7 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
         )
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: a config.json that is no mapping
         raise UserError(_load_error(folder, "tokenizer", exc)) from exc
     return prepare_tokenizer(tok)
 
@@ -174,16 +203,21 @@ def _check_vocab(model, tok, where: str) -> None:
         )
 
 
-def _folder_weights(folder: Path, allow_pickle: bool) -> None:
+def check_folder_weights(folder: Path, allow_pickle: bool, *, pickle_flag: bool = True) -> None:
+    """Refuse a model folder without weights, or with pickle weights only unless `allow_pickle`.
+
+    Args:
+        pickle_flag: the command takes --allow-pickle (`finetune` does not: its message says to convert instead).
+    """
     if any((folder / f).exists() for f in WEIGHT_FILES) or list(folder.glob("*.safetensors")):
         return
     if any((folder / f).exists() for f in PICKLE_FILES):
         if allow_pickle:
             return
+        fix = " or pass --allow-pickle / allow_pickle=True if you trust the file" if pickle_flag else " first"
         raise UserError(
             f"{str(folder)!r} has only pickle weights (pytorch_model.bin), which can run arbitrary "
-            "code when loaded; convert them to safetensors (model.save_pretrained(dir)) or pass "
-            "--allow-pickle / allow_pickle=True if you trust the file"
+            f"code when loaded; convert them to safetensors (model.save_pretrained(dir)){fix}"
         )
     raise UserError(
         f"{str(folder)!r} has a config but no weights (model.safetensors); "
@@ -271,7 +305,10 @@ def load_model(
         (model, tokenizer), the model in eval mode on `device`.
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
+
+    from .fingerprint import NOT_FINITE, non_finite
 
     resolved = resolve_source(source)
     source = resolved.source
@@ -293,7 +330,8 @@ def load_model(
             model = AutoModelForCausalLM.from_config(config, **extra)
     else:
         folder = resolved.folder
-        _folder_weights(folder, allow_pickle)
+        check_config_file(folder)
+        check_folder_weights(folder, allow_pickle)
         tok_dir = Path(tokenizer) if tokenizer is not None else folder
         tok = load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
         try:
@@ -305,9 +343,12 @@ def load_model(
                 use_safetensors=not allow_pickle or None,
                 **extra,
             )
-        except (OSError, ValueError) as exc:  # an invalid config.json, unreadable weights, remote code refused
+        except (OSError, ValueError, SafetensorError) as exc:  # an invalid config, unreadable weights, remote code
             raise UserError(_load_error(source, "config and weights", exc)) from exc
         _check_vocab(model, tok, source)
+        bad = next((name for name, p in model.named_parameters() if non_finite(p)), None)
+        if bad is not None:
+            raise UserError(f"{source!r}: weight {bad!r} {NOT_FINITE}; use another model or checkpoint")
     model.to(device=device, dtype=dtype)
     model.eval()
     return model, tok

@@ -35,9 +35,9 @@ def inspect_source(
             source, device="cpu", tokenizer=tokenizer, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
         )
         return SourceFacts(model_fingerprint(model, tok, folder), context_length(model.config), tok)
+    config = load_config(folder, trust_remote_code)  # first: the tokenizer's loader reads config.json too
     tok = load_tokenizer(tokenizer or folder, trust_remote_code=trust_remote_code)
-    config = load_config(folder, trust_remote_code)
-    fingerprint = combine(weights_digest(None, folder), config_digest(config), tokenizer_fingerprint(tok))
+    fingerprint = combine(weights_digest(None, folder, finite=True), config_digest(config), tokenizer_fingerprint(tok))
     return SourceFacts(fingerprint, context_length(config), tok)
 
 
