@@ -36,13 +36,14 @@ def train_tokenizer(
     check_range("vocab_size", vocab_size, 258)  # 256 bytes + 2 special tokens
     check_at_most("vocab_size", vocab_size, MAX_VOCAB)
     files = [str(p) for p in (inputs or [])]
-    for f in files:
-        check_text_file(Path(f))
+    boms = [check_text_file(Path(f)) for f in files]
     if not files and texts is None:
         raise UserError("train-tokenizer needs at least one --input FILE")
     tok = ByteLevelBPETokenizer(add_prefix_space=False)
     kwargs = dict(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS, PAD], show_progress=False)
-    if files:
+    if any(boms):  # the trainer's own file reader would keep a byte-order mark as text: read the lines here
+        tok.train_from_iterator(_lines(files), **kwargs)
+    elif files:
         tok.train(files, **kwargs)
     else:
         tok.train_from_iterator(texts, **kwargs)
@@ -56,10 +57,17 @@ def train_tokenizer(
     return load_tokenizer(output)
 
 
-def check_text_file(path: Path) -> None:
+def _lines(files: list[str]):
+    """The lines of UTF-8 text files, a leading byte-order mark dropped."""
+    for f in files:
+        with open(f, encoding="utf-8-sig") as text:
+            yield from text
+
+
+def check_text_file(path: Path) -> bool:
     """Refuse a missing file or one that is not UTF-8 text (a binary file), naming the byte where it stops being text.
 
-    Streams the file: it is never held in memory whole.
+    Streams the file: it is never held in memory whole. Returns whether the file starts with a byte-order mark.
     """
     import codecs
 
@@ -68,6 +76,8 @@ def check_text_file(path: Path) -> None:
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with open(path, "rb") as f:
+        bom = f.read(3) == codecs.BOM_UTF8
+        f.seek(0)
         while True:
             chunk = f.read(1 << 20)
             try:
@@ -78,7 +88,7 @@ def check_text_file(path: Path) -> None:
                     "train on text files (convert others to UTF-8 first)"
                 ) from exc
             if not chunk:
-                return
+                return bom
             offset += len(chunk)
 
 

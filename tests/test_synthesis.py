@@ -492,9 +492,17 @@ def test_one_rows_failure_is_that_rows_error_row_on_ray_and_in_process(
     )
     out = tmp_path / "out"
     s = generate_dataset(
-        input=str(inp), output=str(out), model=str(tiny_model_dir), messages_column="messages", params_column="params",
-        chat_template=str(template), shard_rows=8, num_actors=1, in_process=in_process, **BASE,
-    )  # fmt: skip
+        input=str(inp),
+        output=str(out),
+        model=str(tiny_model_dir),
+        messages_column="messages",
+        params_column="params",
+        chat_template=str(template),
+        shard_rows=8,
+        num_actors=1,
+        in_process=in_process,
+        **BASE,
+    )
     assert (s.status, s.shards_done, s.shards_failed, s.retries, s.rows, s.error_rows) == ("complete", 1, 0, 0, 5, 3)
     df = read(out)
     assert list(df.finish_reason[["ok-1", "ok-2"]]) != ["error", "error"] and df.error[["ok-1", "ok-2"]].isna().all()
@@ -509,9 +517,16 @@ def test_one_rows_failure_is_that_rows_error_row_on_ray_and_in_process(
     # the two runners give the same bytes
     other = tmp_path_factory.mktemp("ray-or-not") / "out"
     generate_dataset(
-        input=str(inp), output=str(other), model=str(tiny_model_dir), messages_column="messages",
-        params_column="params", chat_template=str(template), shard_rows=8, in_process=True, **BASE,
-    )  # fmt: skip
+        input=str(inp),
+        output=str(other),
+        model=str(tiny_model_dir),
+        messages_column="messages",
+        params_column="params",
+        chat_template=str(template),
+        shard_rows=8,
+        in_process=True,
+        **BASE,
+    )
     pd.testing.assert_frame_equal(df, read(other))
 
 
@@ -536,3 +551,77 @@ def test_a_refused_or_failed_job_never_blocks_the_corrected_rerun(tiny_model_dir
     s = generate_dataset(**job, **{**BASE, "temperature": 0.5})
     assert s.status == "complete" and s.shards_done == 1 and len(pd.read_parquet(out)) == 4
     assert json.loads((out / "_job.json").read_text())["identity"]["sampling"]["temperature"] == 0.5
+
+
+def test_invalid_unicode_is_an_error_row_in_generated_rows_and_a_named_refusal_elsewhere(
+    tiny_model_dir, tmp_path, template_file, capsys
+):
+    def jsonl(name: str, lines: list[str]) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(line + "\n" for line in lines))  # JSON text with `\ud83d` escapes, as written
+        return path
+
+    inp = jsonl(
+        "p.jsonl",
+        [
+            '{"id": "a", "prompt": "the fox"}',
+            '{"id": "b", "prompt": "Broken emoji \\ud83d here"}',
+            '{"id": "c", "prompt": "the dog", "params": {"stop": ["\\ud83d"]}}',
+            '{"id": "d", "prompt": "a dog", "params": "{\\"prefix\\": \\"x\\\\udc00\\"}"}',
+        ],
+    )
+    out = tmp_path / "out"
+    s = generate_dataset(
+        input=str(inp), output=str(out), model=str(tiny_model_dir), params_column="params", in_process=True, **BASE
+    )
+    assert (s.status, s.rows, s.error_rows) == ("complete", 4, 3)
+    df = read(out)
+    assert pd.isna(df.loc[("a", 0)].error)
+    assert df.loc[("b", 0)].error.startswith("prompt is not valid UTF-8") and pd.isna(df.loc[("b", 0)].prompt)
+    assert "stop (--stop) must be valid Unicode text (it holds a lone surrogate '\\ud83d'" in df.loc[("c", 0)].error
+    assert "prefix (--prefix) must be valid Unicode text" in df.loc[("d", 0)].error
+    # the same bytes in a Parquet file give the same error row
+    raw = pa.array([b"Broken emoji \xed\xa0\xbd here"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"id": ["b"], "prompt": raw}), tmp_path / "p.parquet")
+    generate_dataset(
+        input=str(tmp_path / "p.parquet"),
+        output=str(tmp_path / "pq"),
+        model=str(tiny_model_dir),
+        in_process=True,
+        **BASE,
+    )
+    assert read(tmp_path / "pq").loc[("b", 0)].error.split(" in ")[0] == df.loc[("b", 0)].error.split(" in ")[0]
+    # a conversation holding one is that row's error
+    chats = jsonl("m.jsonl", ['{"messages": [{"role": "user", "content": "hi \\ud83d"}]}', '{"messages": "[]"}'])
+    generate_dataset(
+        input=str(chats),
+        output=str(tmp_path / "m"),
+        model=str(tiny_model_dir),
+        messages_column="messages",
+        chat_template=str(template_file),
+        in_process=True,
+        **BASE,
+    )
+    errors = list(read(tmp_path / "m").error)
+    assert errors[0] == "message 0 (user) content is not valid Unicode (a lone surrogate '\\ud83d' at character 3)"
+    # outside the generated text (an id, a kept column, a flag) it is refused, named with its line or flag
+    for line, keep, where in (
+        ('{"id": "x\\ud83d", "prompt": "p"}', [], r"line 1: 'id' \(--id-column\) is not valid Unicode"),
+        ('{"prompt": "p", "topic": ["\\udc80"]}', ["topic"], r"line 1: 'topic' \(--keep-columns\) is not valid"),
+    ):
+        bad = jsonl("bad.jsonl", [line])
+        with pytest.raises(UserError, match=where):
+            generate_dataset(
+                input=str(bad),
+                output=str(tmp_path / "x"),
+                model=str(tiny_model_dir),
+                keep_columns=keep,
+                in_process=True,
+                **BASE,
+            )
+    assert not (tmp_path / "x").exists()
+    capsys.readouterr()
+    for argv in (["replay", "--prompt", "Broken \ud83d", "--seed", "1"], ["generate", "--input", "\udcff.jsonl"]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--model", str(tiny_model_dir)])
+        assert "must be valid Unicode text (it holds a lone surrogate" in capsys.readouterr().err
