@@ -510,6 +510,20 @@ def test_truncated_part_file_is_noticed_and_redone(reference, tiny_model_dir, pr
     assert texts(out) == texts(reference)
 
 
+def test_a_dashboard_url_as_the_ray_address_is_one_line_before_ray(tiny_model_dir, prompts_dir, tmp_path, capsys):
+    argv = ["generate", "--input", str(prompts_dir), "--output", str(tmp_path / "out"), "--model", str(tiny_model_dir)]
+    assert main([*argv, "--address", "http://127.0.0.1:8265"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--address http://127.0.0.1:8265 is a Ray dashboard URL" in err
+    os.environ["RAY_ADDRESS"] = "https://head.example:8265"
+    try:
+        assert main(argv) == 2
+    finally:
+        del os.environ["RAY_ADDRESS"]
+    assert "$RAY_ADDRESS https://head.example:8265 is a Ray dashboard URL" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.timeout(120)
 def test_a_glob_without_a_folder_reads_the_current_folder_like_a_shell_and_never_hangs(
     tiny_model_dir, tmp_path, monkeypatch
