@@ -241,3 +241,14 @@ def test_every_command_reports_a_user_error_in_one_line(command, hostile, tiny_m
     err = capsys.readouterr().err
     assert err.startswith(f"aitextgen-batch {command}: error: ") and err.count("\n") == 1, err
     assert message in err
+
+
+def test_replay_of_a_jobs_row_refuses_the_flags_it_would_ignore(capsys):
+    row = ["replay", "--output", "out", "--id", "x"]
+    for extra in (["--tokenizer", "tok"], ["--temperature", "0.1"], ["--slots", "8"], ["--prompt", "p"]):
+        with pytest.raises(SystemExit):
+            parse([*row, *extra])
+        err = capsys.readouterr().err
+        assert f"{extra[0]}) is not used with --output: replay regenerates the row with the job's own" in err
+    _, cfg = parse([*row, "--model", "moved/", "--threads", "2", "--json", "--sample-index", "1"])
+    assert (cfg.engine.model, cfg.engine.threads, cfg.json, cfg.sample_index) == ("moved/", 2, True, 1)

@@ -86,10 +86,36 @@ class ReplayConfig:
             check(self.seed is not None, "seed", "is required (or pass --output OUT --id X)")
         else:
             check(self.id is not None, "id", "is required with --output")
+            for name in self._unused_with_output():
+                check(
+                    False,
+                    name,
+                    "is not used with --output: replay regenerates the row with the job's own model files, tokenizer, "
+                    "engine and params (only --model for a moved model, --sample-index, --threads and --json apply); "
+                    "drop it",
+                )
         if self.seed is not None:
             check_seed("seed", self.seed)
         check_range("sample_index", self.sample_index, 0)
         check_at_most("sample_index", self.sample_index, MAX_RETURN_SEQUENCES - 1)
+
+    def _unused_with_output(self) -> list[str]:
+        """The options given (not at their defaults) that replaying a job's row would ignore."""
+        import dataclasses
+
+        unused = [
+            f.name
+            for part in (self.engine, self.sampling)
+            for f in dataclasses.fields(part)
+            if f.name not in ("model", "threads") and getattr(part, f.name) != _default(f)
+        ]
+        return unused + [name for name in ("prompt", "seed") if getattr(self, name) is not None]
+
+
+def _default(f):
+    import dataclasses
+
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def run_replay(cfg: ReplayConfig) -> int:

@@ -131,17 +131,17 @@ def check_config_file(folder: str | Path) -> None:
     """
     import json
 
-    path = Path(folder) / "config.json"
+    where = f"{str(folder)!r}: cannot load its config.json"
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads((Path(folder) / "config.json").read_bytes())
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UserError(f"{str(path)!r} is not readable JSON ({exc}); fix or re-save the model folder") from exc
+        raise UserError(f"{where} (not valid JSON: {exc}); fix or re-save the model folder") from exc
     if not isinstance(data, dict):
-        raise UserError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object of config keys; fix it")
+        raise UserError(f"{where} (it holds a JSON {type(data).__name__}, not an object of config keys); fix it")
     for key in CONFIG_SIZES:
         value = data.get(key)
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise UserError(f"{str(path)!r}: {key} is {value!r}; it must be a positive integer (fix the config)")
+            raise UserError(f"{where} ({key} is {value!r}; it must be a positive integer); fix the config")
 
 
 def load_config(folder: str | Path, trust_remote_code: bool = False):
@@ -200,6 +200,35 @@ def _check_vocab(model, tok, where: str) -> None:
             f"{where}: the tokenizer has {len(tok)} tokens but the model's embedding has only "
             f"{n_embed} rows; use the tokenizer the model was trained with "
             "(or re-create the model with `aitextgen-batch init-model --tokenizer DIR`)"
+        )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+VOCAB_SLACK = 1024  # embedding rows a model may have beyond its tokenizer's tokens (padded to a multiple, reserved)
+
+
+def check_tokenizer_fits(folder: Path | None, tok, given, n_embed: int, trust_remote_code: bool = False) -> None:
+    """Refuse a tokenizer given with --tokenizer that is not the model's: its ids would mean other text, and the model
+    would generate garbage without a word.
+
+    A model folder with a tokenizer of its own: the given one must have the same vocabulary. Without one: the given
+    tokenizer must cover the embedding, up to `VOCAB_SLACK` rows of padding (a larger tokenizer is `_check_vocab`'s).
+    """
+    if folder is None or given is None or Path(given).resolve() == Path(folder).resolve():
+        return
+    where = f"--tokenizer {str(given)!r}"
+    if any((Path(folder) / f).exists() for f in TOKENIZER_FILES):
+        own = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        if own.get_vocab() != tok.get_vocab():
+            raise UserError(
+                f"{where} ({len(tok)} tokens) is not the tokenizer of {str(folder)!r} ({len(own)} tokens, other ids): "
+                "the model would turn its ids into other text. Drop --tokenizer to use the model's own, or pass a "
+                "tokenizer with the same vocabulary"
+            )
+    elif len(tok) < n_embed - VOCAB_SLACK:
+        raise UserError(
+            f"{where} has {len(tok)} tokens but the model's embedding has {n_embed} rows: it is not the tokenizer the "
+            "model was trained with; pass that one"
         )
 
 
@@ -346,6 +375,8 @@ def load_model(
         except (OSError, ValueError, SafetensorError) as exc:  # an invalid config, unreadable weights, remote code
             raise UserError(_load_error(source, "config and weights", exc)) from exc
         _check_vocab(model, tok, source)
+        n_embed = model.get_input_embeddings().weight.shape[0]
+        check_tokenizer_fits(folder, tok, tokenizer, n_embed, trust_remote_code)
         bad = next((name for name, p in model.named_parameters() if non_finite(p)), None)
         if bad is not None:
             raise UserError(f"{source!r}: weight {bad!r} {NOT_FINITE}; use another model or checkpoint")

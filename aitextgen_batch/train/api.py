@@ -46,7 +46,13 @@ def _model(cfg: FinetuneConfig):
     Ray Train starts: safetensors only (workers never open pickle), every file readable and every weight finite.
     """
     from ..models.fingerprint import weights_digest
-    from ..models.loading import check_folder_weights, load_config, load_tokenizer, resolve_source
+    from ..models.loading import (
+        check_folder_weights,
+        check_tokenizer_fits,
+        load_config,
+        load_tokenizer,
+        resolve_source,
+    )
     from ..models.presets import preset_config
 
     if cfg.preset is not None:
@@ -62,6 +68,7 @@ def _model(cfg: FinetuneConfig):
         raise UserError(f"{str(folder)!r} has no *.safetensors weight files; save the model with save_pretrained")
     weights_digest(None, folder, finite=True)
     tok = load_tokenizer(cfg.tokenizer or folder)
+    check_tokenizer_fits(folder, tok, cfg.tokenizer, getattr(config, "vocab_size", None) or len(tok))
     source = str(Path(folder).resolve()) if resolved.kind == "folder" else cfg.model
     return source, str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else None, tok, config
 
