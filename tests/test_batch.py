@@ -212,6 +212,28 @@ def test_an_edited_input_is_not_resumed_into_mixed_output(tiny_model_dir, tmp_pa
     assert set(pd.read_parquet(out).prompt) == {f"a lazy dog {w}" for w in WORDS[6:12]}
 
 
+def test_an_output_folder_holding_files_that_are_not_the_jobs_is_refused(tiny_model_dir, tmp_path):
+    inp = write_prompts(tmp_path / "in", n_files=1, rows=4)
+    out = tmp_path / "out"
+    (out / "notes").mkdir(parents=True)
+    (out / "README.txt").write_text("someone else's notes")
+    (out / "notes" / "old.parquet").write_bytes(b"not ours")
+    job = dict(input=str(inp), output=str(out), model=str(tiny_model_dir), **HERE)
+    with pytest.raises(UserError, match=r"holds files that are not this job's \(README.txt, notes/old.parquet\)"):
+        generate_dataset(**job)
+    with pytest.raises(UserError, match=r"holds files that are not this job's \(README.txt, notes/old.parquet\)"):
+        generate_dataset(**job, overwrite=True)  # --overwrite deletes a job's files, never someone else's
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["README.txt", "notes", "notes/old.parquet"]
+    # hidden and bookkeeping names are skipped by every reader: they may stay
+    (out / "README.txt").rename(out / ".README.txt")
+    (out / "notes").rename(out / "_notes")
+    assert generate_dataset(**job)["status"] == "complete" and len(pd.read_parquet(out)) == 4
+    # a file dropped in after the job ran is named on the rerun, before anything is written
+    (out / "summary.csv").write_text("id,score\n")
+    with pytest.raises(UserError, match=r"holds files that are not this job's \(summary.csv\)"):
+        generate_dataset(**job)
+
+
 def _copy_job(job_dir: Path, dest: Path) -> Path:
     """A copy of a finished job's folder that is a job of its own (its manifest names its new place)."""
     import shutil

@@ -466,6 +466,15 @@ def _prepare_output(
     A finished shard is trusted only when its part file has the size and sha256 its record states.
     """
     old = mf.read_job(out)
+    # checked before anything is deleted or written: --overwrite removes a job's files, never someone else's
+    foreign = mf.foreign_files(out, len(old.shards) if old is not None else 0)
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise UserError(
+            f"--output {out} holds files that are not this job's ({', '.join(foreign[:5])}{more}): readers of the "
+            "folder (pandas, pyarrow, DuckDB, ...) would read them as result rows. Use a new or empty --output, or "
+            "move them away"
+        )
     if old is not None and cfg.overwrite:
         mf.wipe(out)
         old = None
@@ -482,8 +491,6 @@ def _prepare_output(
             old = None
     if old is not None:
         job.created = old.created or t0
-    elif out.list(pattern="*.parquet"):
-        raise UserError(f"--output {out} already holds Parquet files from something else; use an empty folder")
     out.mkdir()
     cleaned = mf.clean_tmp(out)
     if cleaned:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 
 from ..errors import UserError
@@ -306,6 +307,19 @@ def changed_inputs(recorded: list[list], now: list[list]) -> list[str]:
         for a, b in zip(recorded, now)
         if len(a) > 2 and a[2:] != b[2:]
     ]
+
+
+def foreign_files(out: Location, shards: int) -> list[str]:
+    """Files in OUT that readers of the folder would take for result rows but that are not the part files of a job of
+    `shards` shards (0: a new job, which has none yet). Bookkeeping and hidden names (`_*`, `.*`, at any level) are
+    skipped by every reader, so they are never foreign."""
+    foreign = []
+    for name in out.list(recursive=True) if out.is_dir() else []:
+        if any(part.startswith(("_", ".")) for part in name.split("/")):
+            continue
+        if not (re.fullmatch(r"part-(\d{5})\.parquet", name) and int(name[5:10]) < shards):
+            foreign.append(name)
+    return foreign
 
 
 def check_compatible(old: JobSpec, identity: Identity, out: Location) -> None:
