@@ -22,6 +22,7 @@ log = logging.getLogger("aitextgen_batch")
 
 # Upper bounds of the job's sizes, far beyond any use: each is refused up front with its flag named.
 MAX_SHARD_ROWS = 1_000_000
+MAX_SHARD_SAMPLES = 10_000_000
 MAX_BATCH_SIZE = 1 << 20
 MAX_ATTEMPTS = 100
 MAX_ACTORS = 10_000
@@ -99,6 +100,13 @@ class GenerateConfig:
         check_seed("seed", self.seed)
         check_range("shard_rows", self.shard_rows, 1)
         check_at_most("shard_rows", self.shard_rows, MAX_SHARD_ROWS, " (a shard's rows are held by its actor)")
+        samples = self.shard_rows * self.sampling.num_return_sequences
+        check(
+            samples <= MAX_SHARD_SAMPLES,
+            "shard_rows",
+            f"x --num-return-sequences is {samples:,} samples per shard, held together by its actor; at most "
+            f"{MAX_SHARD_SAMPLES:,}: lower --shard-rows",
+        )
         check_range("batch_size", self.batch_size, 1)
         check_at_most("batch_size", self.batch_size, MAX_BATCH_SIZE)
         check_range("max_shard_attempts", self.max_shard_attempts, 1)

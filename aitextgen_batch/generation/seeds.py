@@ -25,7 +25,6 @@ import numbers
 from ..config import SEED_MAX, check_seed
 
 MASK64 = (1 << 64) - 1
-__all__ = ["SEED_MAX", "derive_seed", "sample_seed"]
 
 
 def derive_seed(job_seed: int, item_id, sample_index: int = 0) -> int:
