@@ -456,8 +456,8 @@ def test_bad_inputs_are_refused_before_anything_is_written(tiny_model_dir, promp
     pq.write_table(pa.table({"id": _invalid_utf8_strings([b"ok", b"\xff"]), "prompt": ["a", "b"]}), tmp_path / "u.pq")
     refuse(tmp_path / "u.pq", r"u.pq row 1: the id \(--id-column 'id'\) is not valid UTF-8")
     # more new tokens than the model's context (256) can hold
-    room = r"max_new_tokens=1000000000 leaves no room for a prompt in the model's context of 256"
-    refuse(prompts_dir, room, max_new_tokens=10**9)
+    room = r"max_new_tokens=1000000 leaves no room for a prompt in the model's context of 256"
+    refuse(prompts_dir, room, max_new_tokens=10**6)
     # an output inside the input folder would read its own results on a rerun
     with pytest.raises(UserError, match=r"--output '.*/results' is inside --input"):
         generate_dataset(input=str(prompts_dir), output=str(prompts_dir / "results"), model=str(tiny_model_dir), **BASE)

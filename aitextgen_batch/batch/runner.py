@@ -218,7 +218,8 @@ def run_shards(
                 error = f"actor died while generating: {_first_line(exc)}"
                 note(
                     f"actor {a} died while generating shard {s} ({_first_line(exc)[:120]}); Ray is restarting it "
-                    f"(waiting up to {restart_timeout:.0f} s) and the shard goes back in the queue"
+                    f"(waiting up to {restart_timeout:.0f} s for it); the shard is retried unless it failed "
+                    "--max-shard-attempts times"
                 )
             except RayTaskError as exc:
                 idle.append(a)

@@ -86,14 +86,14 @@ class ReplayConfig:
             check(self.seed is not None, "seed", "is required (or pass --output OUT --id X)")
         else:
             check(self.id is not None, "id", "is required with --output")
-            for name in self._unused_with_output():
-                check(
-                    False,
-                    name,
-                    "is not used with --output: replay regenerates the row with the job's own model files, tokenizer, "
-                    "engine and params (only --model for a moved model, --sample-index, --threads and --json apply); "
-                    "drop it",
-                )
+            unused = self._unused_with_output()
+            check(
+                not unused,
+                unused[0] if unused else "output",
+                "is not used with --output: replay regenerates the row with the job's own model files, tokenizer, "
+                "engine and params (only --model for a moved model, --sample-index, --threads and --json apply); "
+                "drop it",
+            )
         if self.seed is not None:
             check_seed("seed", self.seed)
         check_range("sample_index", self.sample_index, 0)
