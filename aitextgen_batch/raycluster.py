@@ -92,9 +92,9 @@ def connect_ray(address: str | None) -> bool:
     """
     import ray
 
+    target = ray_address(address)  # checked even when Ray is up already: a dashboard URL is refused in any case
     if ray.is_initialized():
         return False
-    target = ray_address(address)
     if target != "local":
         target = _resolve_auto(target)
         check_reachable(target)
