@@ -344,7 +344,7 @@ def test_finetune_checks_model_cache_and_weights_before_ray_train_starts(tmp_pat
 
 
 @pytest.mark.slow
-def test_ctrl_c_says_how_to_resume_exits_130_and_the_rerun_resumes(ray_address, tmp_path, tiny_model_dir, cache):
+def test_ctrl_c_says_how_to_resume_exits_130_and_leaves_only_whole_saves(ray_address, tmp_path, tiny_model_dir, cache):
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "aitextgen_batch", "finetune", "--model", str(tiny_model_dir), "--dataset"]
     argv += [str(cache), "--output", str(out), "--address", ray_address, "--threads", "1", "--quiet"]
