@@ -34,6 +34,22 @@ def check(ok: bool, name: str, message: str, value: Any = _UNSET) -> None:
         raise UserError(f"{name} ({flag(name)}) {message}{got}")
 
 
+def unicode_error(text: str) -> str | None:
+    """Why `text` is not valid Unicode (it holds a lone surrogate, which no UTF-8 file can: JSON's `\\ud83d`
+    escapes and undecodable command-line bytes make them), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"a lone surrogate {text[exc.start]!r} at character {exc.start}"
+    return None
+
+
+def check_text(name: str, value: str | None) -> None:
+    """Raise a UserError naming field `name` (and its flag) when `value` is text that is not valid Unicode."""
+    err = unicode_error(value) if isinstance(value, str) else None
+    check(err is None, name, f"is not valid Unicode ({err})")
+
+
 def check_range(name: str, value, lo=None, hi=None, *, lo_open: bool = False) -> None:
     """Check lo <= value <= hi (or lo < value with lo_open); the message states the allowed range.
 
@@ -46,6 +62,21 @@ def check_range(name: str, value, lo=None, hi=None, *, lo_open: bool = False) ->
         left = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
         right = "" if hi is None else f"<= {hi}"
         check(False, name, "must be " + " and ".join(x for x in (left, right) if x), value)
+
+
+SEED_MAX = (1 << 63) - 1  # the one seed rule: every seed (flags, seed columns, the Python API) is in [0, 2**63-1]
+
+
+def check_seed(name: str, value) -> None:
+    """The one rule of every seed a user gives: an integer in [0, 2**63-1] (a seed column holds int64)."""
+    check(isinstance(value, int) and not isinstance(value, bool), name, "must be an integer", value)
+    check(0 <= value <= SEED_MAX, name, "must be an integer in [0, 2**63-1]", value)
+
+
+def check_at_most(name: str, value, hi, why: str = "") -> None:
+    """A size's sane upper bound (after `check_range` took its type and lower bound): every size a user gives has
+    one, checked up front with the flag named, so an absurd value is refused instead of exhausting memory."""
+    check(value <= hi, name, f"must be <= {hi:,}{why}", value)
 
 
 def _fields(cls) -> list[tuple[dataclasses.Field, Any]]:
@@ -146,8 +177,11 @@ def coerce(name: str, tp, value, where: str = ""):
         return float(value) if math.isfinite(value) else bad("a finite number")
     if inner is str:
         if isinstance(value, os.PathLike):
-            return os.fspath(value)
-        return value if isinstance(value, str) else bad("a string")
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            bad("a string")
+        err = unicode_error(value)
+        return value if err is None else bad(f"valid Unicode text (it holds {err})")
     if inner is Path:
         return Path(value) if isinstance(value, (str, os.PathLike)) else bad("a path")
     if origin is Literal:

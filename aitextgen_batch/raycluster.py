@@ -23,8 +23,22 @@ CONNECT_TIMEOUT_S = 10.0
 
 
 def ray_address(address: str | None) -> str:
-    """The address a driver joins: the flag, else $RAY_ADDRESS, else `local` (start a new local Ray)."""
-    return address or os.environ.get("RAY_ADDRESS") or "local"
+    """The address a driver joins: the flag, else $RAY_ADDRESS, else `local` (start a new local Ray).
+
+    Raises:
+        UserError: a dashboard URL (`http://HOST:8265`, what `submit` and $RAY_ADDRESS for `ray job submit` take):
+            a driver joins a cluster at its GCS address or through Ray Client, never through the job API.
+    """
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    if target.split("://", 1)[0].lower() in ("http", "https") and "://" in target:
+        source = "--address" if address else "$RAY_ADDRESS"
+        raise UserError(
+            f"{source} {target} is a Ray dashboard URL (the job API that `aitextgen-batch submit` talks to); this "
+            "command joins a cluster at its GCS address (HOST:6379) or ray://HOST:10001. Pass one of those, run the "
+            f"command on the cluster with `aitextgen-batch submit --address {target} -- ...`, or leave --address "
+            "and RAY_ADDRESS unset to start a local Ray"
+        )
+    return target
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -78,9 +92,9 @@ def connect_ray(address: str | None) -> bool:
     """
     import ray
 
+    target = ray_address(address)  # checked even when Ray is up already: a dashboard URL is refused in any case
     if ray.is_initialized():
         return False
-    target = ray_address(address)
     if target != "local":
         target = _resolve_auto(target)
         check_reachable(target)

@@ -182,22 +182,35 @@ class Location:
         return pq.ParquetFile(self.fs.open_input_file(self.path(*parts)))
 
 
+def split_glob(spec: str) -> tuple[str, str | None]:
+    """(the folder before the first path level with a wildcard, the pattern after it), or (spec, None) for no glob."""
+    parts = spec.split("/")
+    first = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), None)
+    if first is None:
+        return spec, None
+    return "/".join(parts[:first]) or ("/" if spec.startswith("/") else "."), "/".join(parts[first:])
+
+
+def glob_matches(name: str, pattern: str) -> bool:
+    """Whether relative path `name` matches `pattern` as a shell glob would, level by level; bookkeeping names (a level
+    starting with `_` or `.`, as a job's `_done/` and temporary files) never match, as in a folder's search."""
+    if name.count("/") != pattern.count("/") or any(part.startswith((".", "_")) for part in name.split("/")):
+        return False
+    return fnmatch.fnmatch(name, pattern)
+
+
 def expand_inputs(spec: str, patterns: tuple[str, ...] = ("*.parquet",)) -> tuple[list[str], str]:
     """IN (a file, a folder, or a glob; local or URI) as sorted file URIs/paths, and the root they are named from.
 
-    A folder is searched (recursively) for file names matching any of `patterns`.
+    A folder is searched (recursively) for file names matching any of `patterns`. A glob is matched as a shell does:
+    from the folder before its first wildcard (the current folder for a bare `*.parquet`), each `*`, `?` or `[...]`
+    within one path level (`*.parquet` never reaches into subfolders, `*/*.parquet` reaches one level down).
     """
-    has_glob = any(ch in spec for ch in "*?[")
-    base = spec
-    pattern = None
-    if has_glob:
-        head = spec
-        while any(ch in head for ch in "*?["):
-            head = head.rsplit("/", 1)[0]
-        base, pattern = head, spec[len(head) :].lstrip("/")
+    base, pattern = split_glob(spec)
     loc = Location(base)
     if pattern is not None:
-        names = [n for n in loc.list(recursive=True) if fnmatch.fnmatch(n, pattern)]
+        depth = pattern.count("/")
+        names = [n for n in loc.list(recursive=depth > 0) if glob_matches(n, pattern)]
         return [loc.uri_of(n) for n in names], loc.uri
     if loc.is_dir():
         names = [
@@ -210,6 +223,18 @@ def expand_inputs(spec: str, patterns: tuple[str, ...] = ("*.parquet",)) -> tupl
     if loc.exists():
         return [loc.uri], loc.uri.rsplit("/", 1)[0]
     raise UserError(f"--input {spec!r} does not exist (pass a Parquet file, a folder of them, or a glob)")
+
+
+def file_digest(uri: str) -> tuple[int, str]:
+    """(size in bytes, sha256) of a local or remote file, streamed 4 MiB at a time."""
+    fs, path = filesystem(uri)
+    sha = hashlib.sha256()
+    size = 0
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
 
 
 def open_parquet(uri: str):

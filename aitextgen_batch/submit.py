@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import datetime
 import os
+import re
 import shlex
 import sys
 import time
@@ -103,6 +104,10 @@ class SubmitConfig:
         for item in self.env:
             check("=" in item and item.split("=", 1)[0].strip() != "", "env", "takes KEY=VALUE items", item)
         check(bool(self.python.strip()), "python", "must name the interpreter on the cluster", self.python)
+        if self.job_id is not None:
+            ok = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}", self.job_id) is not None
+            what = "must be 1 to 128 letters, digits, '_', '-', '.' or ':' (it names the job in URLs)"
+            check(ok, "job_id", what, self.job_id)
         given = [name for name in ("status", "logs", "stop") if getattr(self, name)]
         check(len(given) <= 1, "status", "cannot be combined with --logs or --stop: one job action at a time", given)
 
@@ -217,6 +222,12 @@ def connect(address: str | None):
             f"http://HEAD:8265 (reach a remote head with `ray dashboard CLUSTER.yaml` or `kubectl port-forward`). "
             f"Ray said: {exc}"
         ) from None
+    except (RuntimeError, ValueError, OSError) as exc:  # a 404 or a page that is not JSON: some other HTTP server
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(
+            f"the server at {url} is not a Ray dashboard (its job API did not answer: {first}); pass the dashboard's "
+            "URL with --address (http://HEAD:8265 by default)"
+        ) from None
 
 
 def _call(fn, *args, **kwargs):
@@ -227,6 +238,15 @@ def _call(fn, *args, **kwargs):
         raise UserError(str(exc)) from None
     except OSError as exc:  # requests' ConnectionError is an OSError
         raise UserError(f"lost the connection to the Ray dashboard: {exc}") from None
+
+
+def _exists(client, job_id: str) -> bool:
+    """Whether the cluster has a job with this submission id (Ray answers 404 otherwise)."""
+    try:
+        client.get_job_info(job_id)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _info(message: str) -> None:
@@ -363,6 +383,11 @@ def run_submit(cfg: SubmitConfig, command: list[str]) -> int:
             f"note: {item} is relative: the job runs in a copy of the working dir, so give the cluster's absolute path"
         )
     line = entrypoint(cfg, command)
+    if cfg.job_id is not None and _exists(client, cfg.job_id):
+        raise UserError(
+            f"--job-id {cfg.job_id!r} is taken: a job of that id exists on the cluster at {url} (see `submit --status "
+            f"{cfg.job_id}`); choose another --job-id, or leave it out for a generated one"
+        )
     job_id = _call(
         client.submit_job,
         entrypoint=line,

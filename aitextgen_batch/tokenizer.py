@@ -6,9 +6,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import check, check_range
+from .config import check, check_at_most, check_range, check_seed
 from .errors import UserError
 
+MAX_VOCAB = 1 << 20  # beyond any model's vocabulary; the BPE trainer aborts the process on sizes near 1e9
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
@@ -33,14 +34,16 @@ def train_tokenizer(
     from transformers import PreTrainedTokenizerFast
 
     check_range("vocab_size", vocab_size, 258)  # 256 bytes + 2 special tokens
+    check_at_most("vocab_size", vocab_size, MAX_VOCAB)
     files = [str(p) for p in (inputs or [])]
-    for f in files:
-        check_text_file(Path(f))
+    boms = [check_text_file(Path(f)) for f in files]
     if not files and texts is None:
         raise UserError("train-tokenizer needs at least one --input FILE")
     tok = ByteLevelBPETokenizer(add_prefix_space=False)
     kwargs = dict(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS, PAD], show_progress=False)
-    if files:
+    if any(boms):  # the trainer's own file reader would keep a byte-order mark as text: read the lines here
+        tok.train_from_iterator(_lines(files), **kwargs)
+    elif files:
         tok.train(files, **kwargs)
     else:
         tok.train_from_iterator(texts, **kwargs)
@@ -54,10 +57,17 @@ def train_tokenizer(
     return load_tokenizer(output)
 
 
-def check_text_file(path: Path) -> None:
+def _lines(files: list[str]):
+    """The lines of UTF-8 text files, a leading byte-order mark dropped."""
+    for f in files:
+        with open(f, encoding="utf-8-sig") as text:
+            yield from text
+
+
+def check_text_file(path: Path) -> bool:
     """Refuse a missing file or one that is not UTF-8 text (a binary file), naming the byte where it stops being text.
 
-    Streams the file: it is never held in memory whole.
+    Streams the file: it is never held in memory whole. Returns whether the file starts with a byte-order mark.
     """
     import codecs
 
@@ -66,6 +76,8 @@ def check_text_file(path: Path) -> None:
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with open(path, "rb") as f:
+        bom = f.read(3) == codecs.BOM_UTF8
+        f.seek(0)
         while True:
             chunk = f.read(1 << 20)
             try:
@@ -76,7 +88,7 @@ def check_text_file(path: Path) -> None:
                     "train on text files (convert others to UTF-8 first)"
                 ) from exc
             if not chunk:
-                return
+                return bom
             offset += len(chunk)
 
 
@@ -103,14 +115,16 @@ class TrainTokenizerConfig:
     """Train a byte-level BPE tokenizer on text files and save it as a Hugging Face folder."""
 
     input: list[Path] = field(default_factory=list, metadata={"help": "text files to train on"})
-    vocab_size: int = field(default=5000, metadata={"help": "vocabulary size, >= 258"})
+    vocab_size: int = field(default=5000, metadata={"help": "vocabulary size, 258 to 1048576"})
     output: Path = field(default=Path("tokenizer"), metadata={"help": "folder to write"})
     min_frequency: int = field(default=2, metadata={"help": "minimum pair count for a merge, >= 1"})
 
     def __post_init__(self):
         check(bool(self.input), "input", "needs at least one text file")
         check_range("vocab_size", self.vocab_size, 258)
+        check_at_most("vocab_size", self.vocab_size, MAX_VOCAB)
         check_range("min_frequency", self.min_frequency, 1)
+        check_at_most("min_frequency", self.min_frequency, 1_000_000_000)
 
 
 @dataclass
@@ -126,3 +140,4 @@ class InitModelConfig:
         from .models.presets import PRESETS
 
         check(self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}", self.preset)
+        check_seed("seed", self.seed)

@@ -181,6 +181,59 @@ def test_rerun_skips_finished_shards_and_refuses_other_params(reference, tiny_mo
         )
 
 
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_an_edited_input_is_not_resumed_into_mixed_output(tiny_model_dir, tmp_path, capsys, kind):
+    def write(prompts: list[str]) -> Path:
+        path = tmp_path / f"in.{kind}"
+        rows = [{"id": f"r{i}", "prompt": p} for i, p in enumerate(prompts)]
+        if kind == "parquet":
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    inp = write([f"the fox {w}" for w in WORDS[:6]])
+    out = tmp_path / "out"
+    job = dict(input=str(inp), output=str(out), model=str(tiny_model_dir), shard_rows=2, **HERE)
+    assert generate_dataset(**job)["status"] == "complete"
+    (out / "_done/00001.json").unlink()  # as after an interrupted run
+    (out / "part-00001.parquet").unlink()
+    write([f"a lazy dog {w}" for w in WORDS[6:12]])  # other prompts, the same row count
+    edited = rf"holds a job made from other input: in\.{kind} changed since the job read it"
+    with pytest.raises(UserError, match=edited):
+        generate_dataset(**job)
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.parquet", "part-00002.parquet"]
+    # verify notices too: the output no longer answers to the input
+    capsys.readouterr()
+    assert main(["verify", "--output", str(out), "--sample", "2"]) == 1
+    assert f"input {inp} changed since the job read it" in capsys.readouterr().out
+    s = generate_dataset(**job, overwrite=True)
+    assert s["status"] == "complete" and s["shards_skipped"] == 0
+    assert set(pd.read_parquet(out).prompt) == {f"a lazy dog {w}" for w in WORDS[6:12]}
+
+
+def test_an_output_folder_holding_files_that_are_not_the_jobs_is_refused(tiny_model_dir, tmp_path):
+    inp = write_prompts(tmp_path / "in", n_files=1, rows=4)
+    out = tmp_path / "out"
+    (out / "notes").mkdir(parents=True)
+    (out / "README.txt").write_text("someone else's notes")
+    (out / "notes" / "old.parquet").write_bytes(b"not ours")
+    job = dict(input=str(inp), output=str(out), model=str(tiny_model_dir), **HERE)
+    with pytest.raises(UserError, match=r"holds files that are not this job's \(README.txt, notes/old.parquet\)"):
+        generate_dataset(**job)
+    with pytest.raises(UserError, match=r"holds files that are not this job's \(README.txt, notes/old.parquet\)"):
+        generate_dataset(**job, overwrite=True)  # --overwrite deletes a job's files, never someone else's
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["README.txt", "notes", "notes/old.parquet"]
+    # hidden and bookkeeping names are skipped by every reader: they may stay
+    (out / "README.txt").rename(out / ".README.txt")
+    (out / "notes").rename(out / "_notes")
+    assert generate_dataset(**job)["status"] == "complete" and len(pd.read_parquet(out)) == 4
+    # a file dropped in after the job ran is named on the rerun, before anything is written
+    (out / "summary.csv").write_text("id,score\n")
+    with pytest.raises(UserError, match=r"holds files that are not this job's \(summary.csv\)"):
+        generate_dataset(**job)
+
+
 def _copy_job(job_dir: Path, dest: Path) -> Path:
     """A copy of a finished job's folder that is a job of its own (its manifest names its new place)."""
     import shutil
@@ -206,51 +259,97 @@ def test_overwrite_starts_again(reference, tiny_model_dir, prompts_dir, tmp_path
     assert pd.read_parquet(out).num_generated_tokens.max() <= 3
 
 
-def _busy_worker_pids() -> list[int]:
-    """Actor processes running a shard now (Ray titles them `ray::GenerationWorker.run` while a task runs): never an
-    idle actor, nor one of an earlier job still shutting down."""
+def _worker_pids(task: str = "") -> list[int]:
+    """Generation actor processes (Ray titles them `ray::GenerationWorker`, `ray::GenerationWorker.run` while a shard
+    runs, `ray::GenerationWorker.__init__` while the model loads); with `task`, only those running it."""
     import psutil
 
+    title = "ray::GenerationWorker" + (f".{task}" if task else "")
     return [
         p.pid
         for p in psutil.process_iter(["cmdline"])
-        if any("GenerationWorker.run" in c for c in (p.info["cmdline"] or []))
+        if any(c.strip() == title or (not task and c.startswith(title)) for c in (p.info["cmdline"] or []))
     ]
 
 
-@pytest.mark.slow
-def test_actor_sigkilled_mid_job_is_restarted_and_output_is_exact(reference, tiny_model_dir, prompts_dir, tmp_path):
-    out = tmp_path / "out"
-    result = {}
+def _busy_worker_pids() -> list[int]:
+    """Actor processes running a shard now: never an idle actor, nor one of an earlier job still shutting down."""
+    return _worker_pids("run")
 
-    def run():
-        result["summary"] = generate_dataset(
-            input=str(prompts_dir),
-            output=str(out),
-            model=str(tiny_model_dir),
-            num_actors=2,
-            shard_rows=4,
-            batch_size=4,
-            num_return_sequences=2,
-            **BASE,
-        )
 
-    t = threading.Thread(target=run)
+def _done_pids(out: Path) -> set[int]:
+    """The processes that wrote the finished shards (each completion record names its actor's pid)."""
+    return {json.loads(p.read_text())["pid"] for p in out.glob("_done/*.json")}
+
+
+def _in_thread(**options):
+    """Start `generate_dataset(**options)` in a thread; returns (thread, dict that gets the summary)."""
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("summary", generate_dataset(**options)))
     t.start()
-    killed = None
-    deadline = time.time() + 120
-    while time.time() < deadline and killed is None:
-        done = len(list((out / "_done").glob("*.json"))) if (out / "_done").exists() else 0
-        pids = _busy_worker_pids()
-        if done >= 2 and pids:
-            killed = pids[0]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.05)
+    return t, result
+
+
+def _wait_for(what, timeout: float = 120):
+    """Poll `what()` until it is truthy (returned) or `timeout` seconds pass (None)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = what()
+        if got:
+            return got
+        time.sleep(0.02)
+    return None
+
+
+@pytest.mark.slow
+def test_actor_sigkilled_mid_job_is_restarted_takes_shards_again_and_output_is_exact(
+    reference, tiny_model_dir, prompts_dir, tmp_path
+):
+    out = tmp_path / "out"
+    t, result = _in_thread(
+        input=str(prompts_dir), output=str(out), model=str(tiny_model_dir), num_actors=2, shard_rows=4, batch_size=4,
+        num_return_sequences=2, **BASE,
+    )  # fmt: skip
+    killed = _wait_for(lambda: len(list(out.glob("_done/*.json"))) >= 2 and _busy_worker_pids())
+    assert killed, "no actor process found to kill"
+    others = [p for p in _worker_pids() if p != killed[0]]
+    os.kill(killed[0], signal.SIGKILL)
+    # The other actor is paused, so the shards left can only be done by the restarted one: it must take work again.
+    for p in others:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        back = _wait_for(lambda: _done_pids(out) - {killed[0], *others}, timeout=90)
+    finally:
+        for p in others:
+            os.kill(p, signal.SIGCONT)
     t.join(300)
-    assert killed is not None, "no actor process found to kill"
+    assert back, "the restarted actor never ran a shard again"
     s = result["summary"]
-    assert s["status"] == "complete" and s["shards_done"] == 30 and s["actor_restarts"] >= 1
+    assert s["status"] == "complete" and s["shards_done"] == 30 and s["actor_restarts"] >= 1 and s["actors"] == 2
     assert texts(out) == texts(reference)
+
+
+@pytest.mark.slow
+def test_the_only_actor_killed_while_loading_and_mid_job_comes_back(tiny_model_dir, tmp_path, ray_local, capsys):
+    inp = write_prompts(tmp_path / "in", n_files=1, rows=48)
+    out = tmp_path / "out"
+    job = dict(input=str(inp), model=str(tiny_model_dir), num_actors=1, shard_rows=4, batch_size=4, **BASE)
+    t, result = _in_thread(output=str(out), **job)
+    loading = _wait_for(lambda: _worker_pids("__init__"))
+    assert loading, "no actor process found loading the model"
+    os.kill(loading[0], signal.SIGKILL)
+    busy = _wait_for(lambda: len(list(out.glob("_done/*.json"))) >= 2 and _busy_worker_pids())
+    assert busy, "the actor killed while loading never ran a shard"
+    os.kill(busy[0], signal.SIGKILL)
+    t.join(300)
+    s = result["summary"]
+    assert s["status"] == "complete" and s["shards_done"] == 12 and s["shards_failed"] == 0
+    assert s["actor_restarts"] == 1 and s["actors"] == 1 and len(_done_pids(out)) >= 2
+    err = capsys.readouterr().err
+    assert "actor 0 died while generating shard" in err and "actor 0 is back after" in err
+    # the restarted actor's rows are the bytes an undisturbed run makes
+    generate_dataset(output=str(tmp_path / "here"), **{**job, **HERE})
+    assert texts(out) == texts(tmp_path / "here")
 
 
 @pytest.mark.slow
@@ -357,8 +456,8 @@ def test_bad_inputs_are_refused_before_anything_is_written(tiny_model_dir, promp
     pq.write_table(pa.table({"id": _invalid_utf8_strings([b"ok", b"\xff"]), "prompt": ["a", "b"]}), tmp_path / "u.pq")
     refuse(tmp_path / "u.pq", r"u.pq row 1: the id \(--id-column 'id'\) is not valid UTF-8")
     # more new tokens than the model's context (256) can hold
-    room = r"max_new_tokens=1000000000 leaves no room for a prompt in the model's context of 256"
-    refuse(prompts_dir, room, max_new_tokens=10**9)
+    room = r"max_new_tokens=1000000 leaves no room for a prompt in the model's context of 256"
+    refuse(prompts_dir, room, max_new_tokens=10**6)
     # an output inside the input folder would read its own results on a rerun
     with pytest.raises(UserError, match=r"--output '.*/results' is inside --input"):
         generate_dataset(input=str(prompts_dir), output=str(prompts_dir / "results"), model=str(tiny_model_dir), **BASE)
@@ -431,6 +530,44 @@ def test_truncated_part_file_is_noticed_and_redone(reference, tiny_model_dir, pr
     assert (s["status"], s["shards_skipped"], s["shards_done"]) == ("complete", 1, 2)
     assert part.read_bytes() == whole
     assert texts(out) == texts(reference)
+
+
+def test_a_dashboard_url_as_the_ray_address_is_one_line_before_ray(tiny_model_dir, prompts_dir, tmp_path, capsys):
+    argv = ["generate", "--input", str(prompts_dir), "--output", str(tmp_path / "out"), "--model", str(tiny_model_dir)]
+    assert main([*argv, "--address", "http://127.0.0.1:8265"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--address http://127.0.0.1:8265 is a Ray dashboard URL" in err
+    os.environ["RAY_ADDRESS"] = "https://head.example:8265"
+    try:
+        assert main(argv) == 2
+    finally:
+        del os.environ["RAY_ADDRESS"]
+    assert "$RAY_ADDRESS https://head.example:8265 is a Ray dashboard URL" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_glob_without_a_folder_reads_the_current_folder_like_a_shell_and_never_hangs(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    data = write_prompts(tmp_path / "data", n_files=2, rows=3)
+    write_prompts(data / "nested", n_files=1, rows=3, start=100)  # `*.parquet` does not reach into subfolders
+    monkeypatch.chdir(data)
+    flags = ["--model", str(tiny_model_dir), "--max-new-tokens", "4", "--in-process", "--quiet"]
+    # the output lies in the folder the glob reads, but the glob cannot match its part files: accepted, and a rerun
+    # reads the same two files
+    for _ in range(2):
+        assert main(["generate", "--input", "*.parquet", "--output", "out", *flags]) == 0
+    assert sorted(pd.read_parquet(data / "out").id) == [f"item-{i:05d}" for i in range(6)]
+    s = generate_dataset(input="n*/*.parquet", output=str(tmp_path / "nested-out"), **HERE, model=str(tiny_model_dir))
+    assert s["rows"] == 3 and set(pd.read_parquet(tmp_path / "nested-out").id) == {
+        "item-00100",
+        "item-00101",
+        "item-00102",
+    }
+    # a glob that would read the output's part files on a rerun is refused
+    with pytest.raises(UserError, match=r"--output 'results' is inside --input '\*/\*\.parquet'"):
+        generate_dataset(input="*/*.parquet", output="results", **HERE, model=str(tiny_model_dir))
 
 
 def test_checks_run_before_ray_and_a_dead_address_is_an_error_not_a_hang(tiny_model_dir, prompts_dir, tmp_path):

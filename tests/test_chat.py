@@ -85,3 +85,49 @@ def test_template_hash_identifies_the_template(tok, template_file, tmp_path):
     other = tmp_path / "other.jinja"
     other.write_text(TEMPLATE + " ")
     assert ChatRenderer(tok, template_file).template_sha256 != ChatRenderer(tok, other).template_sha256
+
+
+def test_template_files_that_are_not_utf8_empty_or_start_with_a_bom(tok, tmp_path):
+    bad = tmp_path / "latin1.jinja"
+    bad.write_bytes(TEMPLATE.replace("<|", "\xab|").encode("latin-1"))
+    with pytest.raises(UserError, match=r"--chat-template '.*latin1.jinja' is not UTF-8 text \(invalid start byte at"):
+        ChatRenderer(tok, bad)
+    empty = tmp_path / "empty.jinja"
+    empty.write_text(" \n")
+    with pytest.raises(UserError, match=r"--chat-template '.*empty.jinja' is empty; give a Jinja chat template"):
+        ChatRenderer(tok, empty)
+    bom = tmp_path / "bom.jinja"
+    bom.write_bytes(b"\xef\xbb\xbf" + TEMPLATE.encode())
+    r = ChatRenderer(tok, bom)
+    assert r.template == TEMPLATE and r.render([{"role": "user", "content": "hi"}])[0] == "<|user|>hi\n<|assistant|>"
+
+
+def test_a_row_the_template_fails_on_is_that_rows_error(tok, tmp_path):
+    path = tmp_path / "fragile.jinja"
+    path.write_text("{% if messages[-1]['content'] == 'boom' %}{{ 1 // 0 }}{% endif %}" + TEMPLATE)
+    r = ChatRenderer(tok, path)
+    assert r.render([{"role": "user", "content": "fine"}]) == ("<|user|>fine\n<|assistant|>", None)
+    text, err = r.render([{"role": "user", "content": "boom"}])
+    assert text is None and err.startswith("the chat template failed on this row's messages (ZeroDivisionError")
+    text, err = r.render([{"role": "user", "content": "Broken emoji \ud83d here"}])
+    assert err == "message 0 (user) content is not valid Unicode (a lone surrogate '\\ud83d' at character 13)"
+
+
+def test_a_template_that_refuses_the_system_prompt_is_refused_before_ray(tiny_model_dir, tmp_path):
+    import time
+
+    from aitextgen_batch.batch.api import generate_dataset
+
+    path = tmp_path / "no-system.jinja"
+    path.write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages') }}{% endif %}"
+        "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
+    )
+    (tmp_path / "p.jsonl").write_text('{"prompt": "the fox"}\n')
+    job = dict(input=str(tmp_path / "p.jsonl"), model=str(tiny_model_dir), chat=True, chat_template=str(path))
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=r"refused every row's messages: no system messages .*with --system-prompt"):
+        generate_dataset(output=str(tmp_path / "out"), system_prompt="Be brief.", **job)  # Ray is never started
+    assert time.monotonic() - t0 < 20 and not (tmp_path / "out").exists()
+    s = generate_dataset(output=str(tmp_path / "ok"), in_process=True, max_new_tokens=4, quiet=True, **job)
+    assert s.status == "complete"

@@ -89,6 +89,66 @@ def test_python_api_values_are_checked_like_flags():
         build_config(GenerateConfig, {"input": "i", "output": "o", "temperature": float("inf")})
 
 
+# The flags each command requires, so that a check of one other flag is reached.
+REQUIRED = {
+    "train-tokenizer": ["--input", "corpus.txt"],
+    "generate": ["--input", "in.parquet", "--output", "out"],
+    "replay": ["--prompt", "the fox", "--seed", "1"],
+    "verify": ["--output", "out"],
+    "prepare": ["--input", "corpus.txt", "--tokenizer", "tok", "--output", "cache"],
+    "finetune": ["--dataset", "cache", "--output", "out"],
+}
+
+
+def _int_options() -> list[tuple[str, str]]:
+    return [
+        (name, f.name)
+        for name, (cls, _) in _commands().items()
+        for f, tp in _fields(cls)
+        if _unwrap_optional(tp)[0] is int
+    ]
+
+
+@pytest.mark.parametrize("value", [10**30, 2**64])
+def test_every_integer_option_has_an_upper_bound_checked_up_front(capsys, value):
+    options = _int_options()
+    assert {c for c, _ in options} == {*REQUIRED, "init-model"} - {"info", "submit"} and len(options) >= 40
+    unbounded = []
+    for command, name in options:
+        argv = [command, *REQUIRED.get(command, []), flag(name), str(value)]
+        if name == "prefill_rows":
+            argv += ["--slots", "64"]
+        try:
+            parse(argv)
+        except SystemExit as e:
+            err = capsys.readouterr().err
+            assert e.code == 2 and err.count("\n") <= 3 and f"{name} ({flag(name)}) must be" in err, (argv, err)
+            assert f"got {value}" in err and ("<=" in err or "[0, 2**63-1]" in err), (argv, err)
+            continue
+        unbounded.append(f"{command} {flag(name)}")
+    assert not unbounded, f"no upper bound: {unbounded}"
+
+
+def test_seeds_follow_one_rule_everywhere(capsys):
+    from aitextgen_batch.generation.seeds import sample_seed
+
+    for argv in (
+        ["replay", "--prompt", "p", "--seed", "-5"],
+        ["replay", "--prompt", "p", "--seed", str(2**64)],
+        ["generate", *REQUIRED["generate"], "--seed", str(2**63)],
+        ["finetune", *REQUIRED["finetune"], "--seed", str(2**64)],
+        ["init-model", "--seed", "-1"],
+        ["verify", "--output", "out", "--seed", "-1"],
+    ):
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert "seed (--seed) must be an integer in [0, 2**63-1], got" in capsys.readouterr().err
+    assert parse(["replay", "--prompt", "p", "--seed", str(2**63 - 1)])[1].seed == 2**63 - 1
+    for bad in (-5, 2**64, 2**63):
+        with pytest.raises(UserError, match=r"must be an integer in \[0, 2\*\*63-1\]"):
+            sample_seed(bad, 0)
+
+
 def test_invalid_value_names_flag_and_range(capsys):
     with pytest.raises(SystemExit) as e:
         parse(["train-tokenizer", "--input", "a.txt", "--vocab-size", "10"])
@@ -202,3 +262,14 @@ def test_every_command_reports_a_user_error_in_one_line(command, hostile, tiny_m
     err = capsys.readouterr().err
     assert err.startswith(f"aitextgen-batch {command}: error: ") and err.count("\n") == 1, err
     assert message in err
+
+
+def test_replay_of_a_jobs_row_refuses_the_flags_it_would_ignore(capsys):
+    row = ["replay", "--output", "out", "--id", "x"]
+    for extra in (["--tokenizer", "tok"], ["--temperature", "0.1"], ["--slots", "8"], ["--prompt", "p"]):
+        with pytest.raises(SystemExit):
+            parse([*row, *extra])
+        err = capsys.readouterr().err
+        assert f"{extra[0]}) is not used with --output: replay regenerates the row with the job's own" in err
+    _, cfg = parse([*row, "--model", "moved/", "--threads", "2", "--json", "--sample-index", "1"])
+    assert (cfg.engine.model, cfg.engine.threads, cfg.json, cfg.sample_index) == ("moved/", 2, True, 1)

@@ -257,6 +257,8 @@ def test_entrypoint_and_runtime_env(tmp_path):
         ({"working_dir": "/no/such/folder"}, "--working-dir"),
         ({"env": ["NOVALUE"]}, "--env"),
         ({"status": "a", "stop": "b"}, "--status"),
+        ({"job_id": "team/run-1"}, "--job-id"),
+        ({"job_id": ""}, "--job-id"),
     ],
 )
 def test_submit_config_names_the_bad_flag(kwargs, flag):
@@ -311,6 +313,22 @@ def test_local_head_script_finds_the_project_environment():
 def test_relative_data_paths_are_flagged():
     cmd = ["generate", "--model", "gpt2", "--input", "prompts/", "--output", "/data/out", "--dataset", "s3://b/c"]
     assert relative_paths(cmd) == ["--input prompts/"]
+
+
+def test_submit_to_an_http_server_that_is_not_ray_is_one_line(tmp_path):
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        for args in (["--status", "x"], ["--job-id", "a/b", "--", "info", "m"]):
+            r = _cli("submit", "--address", url, *args, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+            assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") <= 3, r.stderr
+        assert f"the server at {url} is not a Ray dashboard" in _cli("submit", "--address", url, "--status", "x").stderr
+    finally:
+        server.shutdown()
 
 
 def test_submit_refuses_a_bad_job_flag_before_connecting():
@@ -531,6 +549,12 @@ def test_submit_no_wait_status_and_stop(ray_head, tiny_model_dir, prompts, tmp_p
     assert r.returncode == 1 and "STOPPED" in r.stderr
     r = _cli("submit", "--address", ray_head.url, "--status", "raysubmit_nosuchjob", env=env)
     assert r.returncode == 2 and "nosuchjob" in r.stderr
+    # a job id already taken is refused before anything is uploaded, in one line
+    r = _cli(
+        "submit", "--address", ray_head.url, "--no-wait", "--job-id", "aitextgen-stop-me", "--",
+        *_generate(tiny_model_dir, prompts, tmp_path / "again"), env=env,
+    )  # fmt: skip
+    assert r.returncode == 2 and "--job-id 'aitextgen-stop-me' is taken" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

@@ -53,7 +53,8 @@ def _rows(out):
 
 
 def _events(out, kind):
-    lines = (out / "events.jsonl").read_text().splitlines()
+    path = out / "events.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
     return [e for e in map(json.loads, lines) if e["event"] == kind]
 
 
@@ -256,3 +257,113 @@ def test_training_state_round_trips_without_pickle(tmp_path):
         assert all(back["optimizer"]["state"][i][k].equal(v) for k, v in st.items())
     fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
     fresh.load_state_dict(back["optimizer"])
+
+
+def test_a_diverging_run_stops_at_that_step_and_never_saves_or_publishes_non_finite_weights(
+    ray_local, tmp_path, tiny_model_dir, cache
+):
+    from safetensors.torch import load_file
+
+    from aitextgen_batch.train import finetune
+    from aitextgen_batch.train.state import saved_steps
+
+    out = tmp_path / "out"
+    run = dict(RUN, learning_rate=1e30, num_workers=1, max_steps=40, save_every=1, generate_every=1, sample_tokens=4)
+    s = finetune(model=str(tiny_model_dir), dataset=cache, output=out, **run)
+    assert s["status"] == "failed" and s["error"].startswith("training diverged at step "), s
+    step = int(s["error"].split()[4].rstrip(":"))
+    assert step < 10 and "--learning-rate 1e+30 may be too high" in s["error"]
+    assert "no weights of step" in s["error"] and "finetune --model" in s["error"]
+    # training stopped there: nothing was saved at or after the step, every save holds finite weights, nothing was
+    # published, and the loss plot was drawn from the finite rows
+    saved = saved_steps(out / "checkpoints")
+    assert saved and all(s_ < step for s_, _ in saved)
+    assert all(t.isfinite().all() for _, p in saved for t in load_file(p / "model.safetensors").values())
+    assert not (out / "model.safetensors").exists() and (out / "loss.png").is_file()
+    assert [e["step"] for e in _events(out, "diverged")] == [step]
+
+
+def test_a_model_with_non_finite_weights_is_refused_before_anything_runs(tmp_path, tiny_model_dir):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from aitextgen_batch.batch.api import generate_dataset
+    from aitextgen_batch.models.loading import load_model
+
+    bad = tmp_path / "nan-model"
+    shutil.copytree(tiny_model_dir, bad)
+    weights = load_file(bad / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name][0] = float("nan")
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "p.jsonl").write_text('{"prompt": "the fox"}\n')
+    with pytest.raises(UserError, match=rf"weight '{name}' holds NaN or infinite values: the model cannot generate"):
+        generate_dataset(input=str(tmp_path / "p.jsonl"), output=str(tmp_path / "o"), model=str(bad), in_process=True)
+    with pytest.raises(UserError, match="holds NaN or infinite values"):
+        load_model(str(bad), device="cpu")
+    assert not (tmp_path / "o").exists()
+
+
+def test_finetune_checks_model_cache_and_weights_before_ray_train_starts(tmp_path, tiny_model_dir, cache):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from aitextgen_batch.train import finetune
+
+    base = dict(output=tmp_path / "out", **{**RUN, "max_steps": 1})
+    # pickle-only weights: refused at once, without pointing at an --allow-pickle that finetune does not take
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(
+        UserError, match=r"has only pickle weights \(pytorch_model.bin\).*save_pretrained\(dir\)\) first"
+    ) as e:
+        finetune(model=str(pickled), dataset=cache, **base)
+    assert "--allow-pickle" not in str(e.value)
+    # a truncated weights file
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dir, truncated)
+    w = truncated / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"model.safetensors' is not a readable safetensors file"):
+        finetune(model=str(truncated), dataset=cache, **base)
+    # a damaged cache shard (same size, other bytes)
+    damaged = tmp_path / "cache"
+    shutil.copytree(cache, damaged)
+    shard = sorted(p for p in damaged.iterdir() if p.name.startswith("shard"))[1]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=rf"{shard.name}.*sha256"):
+        finetune(model=str(tiny_model_dir), dataset=damaged, **base)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_resume_exits_130_and_leaves_only_whole_saves(ray_address, tmp_path, tiny_model_dir, cache):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "aitextgen_batch", "finetune", "--model", str(tiny_model_dir), "--dataset"]
+    argv += [str(cache), "--output", str(out), "--address", ray_address, "--threads", "1", "--quiet"]
+    argv += ["--batch-size", "4", "--block-size", "32", "--save-every", "5", "--generate-every", "0"]
+    proc = subprocess.Popen(
+        [*argv, "--max-steps", "100000"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline and not _events(out, "save"):
+        time.sleep(0.1)
+    assert _events(out, "save"), "no save in time"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "finetune: interrupted. Saved steps are kept: rerun the same command to resume from the last one." in err
+    assert "Traceback" not in err
+    # every step folder the interrupted run left is whole (a save cut short stays a hidden temporary folder, which the
+    # rerun removes): the rerun resumes from an intact save
+    from aitextgen_batch.train.state import saved_steps
+
+    folders = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert folders and folders == [p.name for _, p in saved_steps(out / "checkpoints")]

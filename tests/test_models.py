@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -242,3 +243,65 @@ def test_core_packages_do_not_import_the_job_layers():
     ]
     assert not bad, bad
     assert "batch" not in _imported_top_modules(root / "train" / "api.py")  # the Ray helper is raycluster.py's
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_model_dir, tokenizer_dir, tmp_path, capsys):
+    import shutil
+
+    from aitextgen_batch.batch.api import generate_dataset
+    from aitextgen_batch.cli import main
+    from aitextgen_batch.models.loading import DEFAULT_MODEL
+
+    bundled = str(DEFAULT_MODEL)  # 5,000 tokens; the test tokenizer has far fewer, with other ids
+    argv = ["replay", "--model", bundled, "--tokenizer", str(tokenizer_dir), "--prompt", "The", "--seed", "1"]
+    assert main([*argv, "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--tokenizer '{tokenizer_dir}' (" in err and "is not the tokenizer of" in err
+    (tmp_path / "p.jsonl").write_text('{"prompt": "The"}\n')
+    with pytest.raises(UserError, match="is not the tokenizer of"):
+        generate_dataset(input=str(tmp_path / "p.jsonl"), output=str(tmp_path / "o"), model=bundled,
+                         tokenizer=str(tokenizer_dir), in_process=True)  # fmt: skip
+    assert not (tmp_path / "o").exists()
+    # the model's own tokenizer, given from another folder, is fine
+    own = tmp_path / "own"
+    own.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, own / f.name)
+    model, tok = load_model(str(tiny_model_dir), device="cpu", tokenizer=own)
+    # a weights-only folder with a tokenizer far smaller than its embedding
+    bare = tmp_path / "bare"
+    shutil.copytree(DEFAULT_MODEL, bare, ignore=shutil.ignore_patterns("tokenizer*", "*.txt", "*.md", "LICENSE*"))
+    with pytest.raises(UserError, match=r"has \d+ tokens but the model's embedding has 5000 rows: it is not the"):
+        load_model(str(bare), device="cpu", tokenizer=tokenizer_dir)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("list", r"cannot load its config.json \(it holds a JSON list, not an object of config keys\)"),
+        ("n_layer", r"cannot load its config.json \(n_layer is -1; it must be a positive integer\)"),
+        ("truncated", r"model.safetensors' is not a readable safetensors file \(.*\): truncated or damaged"),
+    ],
+)
+def test_a_damaged_model_folder_is_refused_in_one_line(tiny_model_dir, tmp_path, capsys, damage, message):
+    from aitextgen_batch.cli import main
+
+    bad = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    if damage == "list":
+        (bad / "config.json").write_text("[1, 2]")
+    elif damage == "n_layer":
+        (bad / "config.json").write_text(json.dumps({**config, "n_layer": -1}))
+    else:
+        weights = bad / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UserError, match=str(bad)):
+        load_model(str(bad), device="cpu")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "the fox"}\n')
+    argv = ["generate", "--model", str(bad), "--input", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "o")]
+    assert main([*argv, "--in-process"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(bad) in err and re.search(message, err)
+    assert not (tmp_path / "o").exists()

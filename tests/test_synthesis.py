@@ -405,8 +405,9 @@ def test_jsonl_input_gives_the_parquet_output(engine, template_file, tmp_path):
     )
     pd.testing.assert_frame_equal(read(a), read(b))
     job = json.loads((a / "_job.json").read_text())
+    size, sha256 = (inp / "chats.jsonl").stat().st_size, hashlib.sha256((inp / "chats.jsonl").read_bytes()).hexdigest()
     assert job["files"][0]["staged"] == str(a / "_inputs" / "00000.parquet") and job["identity"]["inputs"] == [
-        ["chats.jsonl", 14]
+        ["chats.jsonl", 14, size, sha256]  # the original file's contents identify the job's input
     ]
     assert pq.read_table(a / "_inputs" / "00000.parquet").num_rows == 14
     # --chat: the prompt key is one user message; ids derive from the file name and row; JSON params with a field
@@ -459,3 +460,168 @@ def test_bad_jsonl_lines_are_named_before_anything_is_written(tiny_model_dir, tm
     (tmp_path / "bad.jsonl").write_bytes(b'{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "\xff"}\n')
     with pytest.raises(UserError, match=r"bad.jsonl line 2: not valid UTF-8"):
         generate_dataset(input=str(tmp_path / "bad.jsonl"), output=str(out), model=str(tiny_model_dir), **BASE)
+
+
+# A template that raises on some conversations (not a TemplateError): a bug of the template's, met by one row.
+FRAGILE_TEMPLATE = (
+    "{% for m in messages %}{% if m['content'] == 'boom' %}{{ 1 // 0 }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "ray"])
+def test_one_rows_failure_is_that_rows_error_row_on_ray_and_in_process(
+    tiny_model_dir, tmp_path, tmp_path_factory, ray_local, in_process
+):
+    template = tmp_path / "fragile.jinja"
+    template.write_text(FRAGILE_TEMPLATE)
+    inp = tmp_path / "rows.jsonl"
+    write_jsonl(
+        inp,
+        [
+            {"id": "ok-1", "messages": [{"role": "user", "content": "the fox"}]},
+            {"id": "huge-k", "messages": [{"role": "user", "content": "a dog"}], "params": {"top_k": 10**21}},
+            {"id": "boom", "messages": [{"role": "user", "content": "boom"}]},
+            {
+                "id": "many",
+                "messages": [{"role": "user", "content": "a dog"}],
+                "params": {"num_return_sequences": 10**8},
+            },
+            {"id": "ok-2", "messages": [{"role": "user", "content": "old river"}], "params": {"top_k": 5}},
+        ],
+    )
+    out = tmp_path / "out"
+    s = generate_dataset(
+        input=str(inp),
+        output=str(out),
+        model=str(tiny_model_dir),
+        messages_column="messages",
+        params_column="params",
+        chat_template=str(template),
+        shard_rows=8,
+        num_actors=1,
+        in_process=in_process,
+        **BASE,
+    )
+    assert (s.status, s.shards_done, s.shards_failed, s.retries, s.rows, s.error_rows) == ("complete", 1, 0, 0, 5, 3)
+    df = read(out)
+    assert list(df.finish_reason[["ok-1", "ok-2"]]) != ["error", "error"] and df.error[["ok-1", "ok-2"]].isna().all()
+    assert df.loc[("huge-k", 0)].error == (
+        "--params-column 'params': top_k (--top-k) must be <= 16,777,216 (a top_k beyond the vocabulary keeps every "
+        "token), got 1000000000000000000000"
+    )
+    assert df.loc[("boom", 0)].error == (
+        "the chat template failed on this row's messages (ZeroDivisionError: integer division or modulo by zero)"
+    )
+    assert "num_return_sequences (--num-return-sequences) must be <= 1,024, got 100000000" in df.loc[("many", 0)].error
+    # the two runners give the same bytes
+    other = tmp_path_factory.mktemp("ray-or-not") / "out"
+    generate_dataset(
+        input=str(inp),
+        output=str(other),
+        model=str(tiny_model_dir),
+        messages_column="messages",
+        params_column="params",
+        chat_template=str(template),
+        shard_rows=8,
+        in_process=True,
+        **BASE,
+    )
+    pd.testing.assert_frame_equal(df, read(other))
+
+
+def test_a_refused_or_failed_job_never_blocks_the_corrected_rerun(tiny_model_dir, tmp_path, capsys):
+    inp = tmp_path / "p.jsonl"
+    write_jsonl(inp, [{"id": w, "prompt": f"the {w}"} for w in WORDS[:4]])
+    job = {"input": str(inp), "output": str(tmp_path / "out"), "model": str(tiny_model_dir), "in_process": True}
+    # a flag beyond its bound is refused before anything is written, with the flag named
+    with pytest.raises(UserError, match=r"top_k \(--top-k\) must be <= 16,777,216 .*got 1000000000000000000000"):
+        generate_dataset(**job, **{**BASE, "top_k": 10**21})
+    assert not (tmp_path / "out").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["generate", "--input", str(inp), "--output", str(tmp_path / "out"), "--top-k", str(10**21)])
+    assert "top_k (--top-k) must be <= 16,777,216" in capsys.readouterr().err
+    # a job that finished no shard (stopped or failed before its first) leaves nothing that refuses the corrected
+    # rerun, made with other flags
+    out = tmp_path / "out"
+    assert generate_dataset(**job, **BASE).status == "complete"
+    (out / "_done" / "00000.json").unlink()
+    (out / "part-00000.parquet").unlink()
+    s = generate_dataset(**job, **{**BASE, "temperature": 0.5})
+    assert s.status == "complete" and s.shards_done == 1 and len(pd.read_parquet(out)) == 4
+    assert json.loads((out / "_job.json").read_text())["identity"]["sampling"]["temperature"] == 0.5
+
+
+def test_invalid_unicode_is_an_error_row_in_generated_rows_and_a_named_refusal_elsewhere(
+    tiny_model_dir, tmp_path, template_file, capsys
+):
+    def jsonl(name: str, lines: list[str]) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(line + "\n" for line in lines))  # JSON text with `\ud83d` escapes, as written
+        return path
+
+    inp = jsonl(
+        "p.jsonl",
+        [
+            '{"id": "a", "prompt": "the fox"}',
+            '{"id": "b", "prompt": "Broken emoji \\ud83d here"}',
+            '{"id": "c", "prompt": "the dog", "params": {"stop": ["\\ud83d"]}}',
+            '{"id": "d", "prompt": "a dog", "params": "{\\"prefix\\": \\"x\\\\udc00\\"}"}',
+        ],
+    )
+    out = tmp_path / "out"
+    s = generate_dataset(
+        input=str(inp), output=str(out), model=str(tiny_model_dir), params_column="params", in_process=True, **BASE
+    )
+    assert (s.status, s.rows, s.error_rows) == ("complete", 4, 3)
+    df = read(out)
+    assert pd.isna(df.loc[("a", 0)].error)
+    assert df.loc[("b", 0)].error.startswith("prompt is not valid UTF-8") and pd.isna(df.loc[("b", 0)].prompt)
+    assert "stop (--stop) must be valid Unicode text (it holds a lone surrogate '\\ud83d'" in df.loc[("c", 0)].error
+    assert "prefix (--prefix) must be valid Unicode text" in df.loc[("d", 0)].error
+    # the same bytes in a Parquet file give the same error row
+    raw = pa.array([b"Broken emoji \xed\xa0\xbd here"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"id": ["b"], "prompt": raw}), tmp_path / "p.parquet")
+    generate_dataset(
+        input=str(tmp_path / "p.parquet"),
+        output=str(tmp_path / "pq"),
+        model=str(tiny_model_dir),
+        in_process=True,
+        **BASE,
+    )
+    assert read(tmp_path / "pq").loc[("b", 0)].error.split(" in ")[0] == df.loc[("b", 0)].error.split(" in ")[0]
+    # a conversation holding one is that row's error
+    chats = jsonl("m.jsonl", ['{"messages": [{"role": "user", "content": "hi \\ud83d"}]}', '{"messages": "[]"}'])
+    generate_dataset(
+        input=str(chats),
+        output=str(tmp_path / "m"),
+        model=str(tiny_model_dir),
+        messages_column="messages",
+        chat_template=str(template_file),
+        in_process=True,
+        **BASE,
+    )
+    errors = list(read(tmp_path / "m").error)
+    assert errors[0] == "message 0 (user) content is not valid Unicode (a lone surrogate '\\ud83d' at character 3)"
+    # outside the generated text (an id, a kept column, a flag) it is refused, named with its line or flag
+    for line, keep, where in (
+        ('{"id": "x\\ud83d", "prompt": "p"}', [], r"line 1: 'id' \(--id-column\) is not valid Unicode"),
+        ('{"prompt": "p", "topic": ["\\udc80"]}', ["topic"], r"line 1: 'topic' \(--keep-columns\) is not valid"),
+    ):
+        bad = jsonl("bad.jsonl", [line])
+        with pytest.raises(UserError, match=where):
+            generate_dataset(
+                input=str(bad),
+                output=str(tmp_path / "x"),
+                model=str(tiny_model_dir),
+                keep_columns=keep,
+                in_process=True,
+                **BASE,
+            )
+    assert not (tmp_path / "x").exists()
+    capsys.readouterr()
+    for argv in (["replay", "--prompt", "Broken \ud83d", "--seed", "1"], ["generate", "--input", "\udcff.jsonl"]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--model", str(tiny_model_dir)])
+        assert "must be valid Unicode text (it holds a lone surrogate" in capsys.readouterr().err

@@ -394,3 +394,43 @@ def test_prepare_and_info_commands(corpus_file, tokenizer_dir, tmp_path, capsys)
 def test_importing_the_package_loads_no_torch_or_transformers():
     code = "import sys, aitextgen_batch.data; print('torch' in sys.modules or 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_a_byte_order_mark_is_dropped_and_invalid_text_is_named(tmp_path, tokenizer_dir, tok):
+    bom = b"\xef\xbb\xbf"
+    lines = ["The quick brown fox.", "A lazy dog."]
+    # each input with and without a BOM: the caches hold the same tokens (the BOM is neither a token nor a header)
+    plain = {
+        "t.txt": "\n".join(lines) + "\n",
+        "c.csv": "text,n\n" + "".join(f"{line},1\n" for line in lines),
+        "j.jsonl": "".join(json.dumps({"text": line}) + "\n" for line in lines),
+    }
+    for name, text in plain.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / f"bom-{name}").write_bytes(bom + text.encode())
+    for name in plain:
+        got = []
+        for prefix in ("", "bom-"):
+            out = tmp_path / f"cache-{prefix}{name}"
+            build_cache([tmp_path / f"{prefix}{name}"], tokenizer_dir, out, num_shards=1, column="text", field="text")
+            got.append(TokenDataset(out).tokens().tolist())
+        assert got[0] == got[1], name
+    assert tok.decode(got[0][:3]).startswith("The")
+    # a lone surrogate (a JSON escape no UTF-8 file can hold) and bytes that are not UTF-8: named with their line
+    (tmp_path / "s.jsonl").write_text('{"text": "fine"}\n{"text": "Broken emoji \\ud83d here"}\n')
+    with pytest.raises(UserError, match=r"s.jsonl:2: field 'text' is not valid Unicode \(a lone surrogate '\\ud83d'"):
+        build_cache([tmp_path / "s.jsonl"], tokenizer_dir, tmp_path / "c-s", num_shards=1, field="text")
+    (tmp_path / "b.txt").write_bytes(b"fine\nstill fine\nnot \xff fine\n")
+    with pytest.raises(UserError, match=r"input '.*b.txt' line 3 is not UTF-8 text \(invalid start byte\)"):
+        build_cache([tmp_path / "b.txt"], tokenizer_dir, tmp_path / "c-b", num_shards=1)
+    assert not (tmp_path / "c-s").exists() and not (tmp_path / "c-b").exists()
+
+
+def test_train_tokenizer_drops_a_byte_order_mark(tmp_path, corpus_file):
+    from aitextgen_batch.tokenizer import train_tokenizer
+
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + corpus_file.read_bytes())
+    # a vocabulary large enough to learn every pair the corpus holds: a BOM kept as text would become a token
+    a = train_tokenizer([corpus_file], vocab_size=2000, output=tmp_path / "a", min_frequency=1)
+    b = train_tokenizer([tmp_path / "bom.txt"], vocab_size=2000, output=tmp_path / "b", min_frequency=1)
+    assert a.get_vocab() == b.get_vocab() and not any("\u00ef\u00bb\u00bf" in t for t in b.get_vocab())

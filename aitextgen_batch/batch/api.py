@@ -10,7 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from ..config import check, check_range, to_dict
+from ..config import check, check_at_most, check_range, check_seed, to_dict
 from ..errors import UserError
 from ..generation.options import EngineConfig
 from ..generation.params import SamplingParams
@@ -19,6 +19,14 @@ from . import manifest as mf
 from .manifest import ChatSpec, Columns, DoneRecord, Identity, JobSpec, ModelSpec, Numerics
 
 log = logging.getLogger("aitextgen_batch")
+
+# Upper bounds of the job's sizes, far beyond any use: each is refused up front with its flag named.
+MAX_SHARD_ROWS = 1_000_000
+MAX_SHARD_SAMPLES = 10_000_000
+MAX_BATCH_SIZE = 1 << 20
+MAX_ATTEMPTS = 100
+MAX_ACTORS = 10_000
+MAX_GPUS_PER_ACTOR = 64
 
 
 @dataclass
@@ -89,14 +97,26 @@ class GenerateConfig:
     def __post_init__(self):
         check(bool(self.input), "input", "is required: a Parquet file, folder or glob")
         check(bool(self.output), "output", "is required: the folder to write results to")
-        check_range("seed", self.seed, 0)
+        check_seed("seed", self.seed)
         check_range("shard_rows", self.shard_rows, 1)
+        check_at_most("shard_rows", self.shard_rows, MAX_SHARD_ROWS, " (a shard's rows are held by its actor)")
+        samples = self.shard_rows * self.sampling.num_return_sequences
+        check(
+            samples <= MAX_SHARD_SAMPLES,
+            "shard_rows",
+            f"x --num-return-sequences is {samples:,} samples per shard, held together by its actor; at most "
+            f"{MAX_SHARD_SAMPLES:,}: lower --shard-rows",
+        )
         check_range("batch_size", self.batch_size, 1)
+        check_at_most("batch_size", self.batch_size, MAX_BATCH_SIZE)
         check_range("max_shard_attempts", self.max_shard_attempts, 1)
+        check_at_most("max_shard_attempts", self.max_shard_attempts, MAX_ATTEMPTS)
         if self.num_actors is not None:
             check_range("num_actors", self.num_actors, 1)
+            check_at_most("num_actors", self.num_actors, MAX_ACTORS)
         if self.gpus_per_actor is not None:
             check_range("gpus_per_actor", self.gpus_per_actor, 0)
+            check_at_most("gpus_per_actor", self.gpus_per_actor, MAX_GPUS_PER_ACTOR)
         if isinstance(self.keep_columns, str):
             self.keep_columns = [self.keep_columns]
         check(
@@ -316,6 +336,9 @@ def check_job(cfg: GenerateConfig) -> CheckedJob:
         checked.config, checked.parameters = facts.config, facts.parameters
         if cfg.chat or cfg.messages_column:
             renderer = ChatRenderer(facts.tokenizer, cfg.chat_template, cfg.system_prompt)
+            refused = renderer.refuses_every_row(every_row_is_one_user_message=cfg.chat)
+            if refused:
+                raise UserError(refused)
             mode = "messages" if cfg.messages_column else "prompt"
             checked.chat = ChatSpec(mode, renderer.template_sha256, cfg.system_prompt)
             checked.chat_template = renderer.template
@@ -342,7 +365,7 @@ def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> 
         sampling=to_dict(cfg.sampling),
         job_seed=cfg.seed,
         columns=columns,
-        inputs=[[f.name, f.rows] for f in inputs.files],
+        inputs=[f.identity for f in inputs.files],
         shard_rows=cfg.shard_rows,
         engine=numerics,
         chat=checked.chat,
@@ -474,7 +497,7 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
                 if cfg.in_process:
                     stats = run_shards_here(options, res.threads, job, pending, **run)
                 else:
-                    stats = run_shards(actors, job, pending, on_tick=progress.tick, **run)
+                    stats = run_shards(actors, job, pending, on_tick=progress.tick, on_note=progress.note, **run)
                 outcome.actors = stats.actors_started
                 outcome.actor_restarts, outcome.retries = stats.actor_restarts, stats.retries
     finally:
@@ -492,14 +515,31 @@ def _prepare_output(
     A finished shard is trusted only when its part file has the size and sha256 its record states.
     """
     old = mf.read_job(out)
+    # checked before anything is deleted or written: --overwrite removes a job's files, never someone else's
+    foreign = mf.foreign_files(out, len(old.shards) if old is not None else 0)
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise UserError(
+            f"--output {out} holds files that are not this job's ({', '.join(foreign[:5])}{more}): readers of the "
+            "folder (pandas, pyarrow, DuckDB, ...) would read them as result rows. Use a new or empty --output, or "
+            "move them away"
+        )
     if old is not None and cfg.overwrite:
         mf.wipe(out)
         old = None
     if old is not None:
-        mf.check_compatible(old, job.identity, out)
+        try:
+            mf.check_compatible(old, job.identity, out)
+        except UserError:
+            if out.list(mf.DONE_DIR, pattern="*.json"):
+                raise
+            # A job that finished no shard (refused, failed or stopped before its first) has no rows to mix with:
+            # the corrected rerun starts again instead of being refused.
+            log.warning("%s holds a job made differently that finished no shard: starting again", out)
+            mf.wipe(out)
+            old = None
+    if old is not None:
         job.created = old.created or t0
-    elif out.list(pattern="*.parquet"):
-        raise UserError(f"--output {out} already holds Parquet files from something else; use an empty folder")
     out.mkdir()
     cleaned = mf.clean_tmp(out)
     if cleaned:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..storage import Location, expand_inputs, open_parquet
-from .manifest import Columns, InputFile
+from ..storage import Location, expand_inputs, file_digest, glob_matches, open_parquet, split_glob
+from .manifest import Columns, InputFile, part_name, staged_name
 
 
 @dataclass
@@ -123,7 +123,8 @@ def validate_inputs(spec: str, columns: Columns, staging: Path | None = None) ->
             types.setdefault(col, t)
         _check_types(path, columns, types)
         name = path[len(root) :].lstrip("/") if path.startswith(root + "/") else path.rsplit("/", 1)[-1]
-        files.append(InputFile(path, name, pf.metadata.num_rows))
+        size, sha256 = file_digest(path)  # the job's identity holds each input's contents, not only its name
+        files.append(InputFile(path, name, pf.metadata.num_rows, bytes=size, sha256=sha256))
     check = InputCheck(files, types, bool(use_id), "string", root, staged)
     if use_id:
         _check_unique_ids(check, id_column)
@@ -182,7 +183,7 @@ def check_output_apart(output: str, spec: str, check: InputCheck) -> None:
     """
     out = Location(output).uri.rstrip("/")
     root = check.root.rstrip("/")
-    if _is_folder_input(spec) and (out == root or out.startswith(root + "/")):
+    if _reads_output(spec, root, out):
         raise UserError(
             f"--output {output!r} is inside --input {spec!r}: a rerun would read its own results as input. "
             "Choose an --output outside the input folder"
@@ -196,8 +197,16 @@ def check_output_apart(output: str, spec: str, check: InputCheck) -> None:
             )
 
 
-def _is_folder_input(spec: str) -> bool:
-    return any(ch in spec for ch in "*?[") or Location(spec).is_dir()
+def _reads_output(spec: str, root: str, out: str) -> bool:
+    """Whether a rerun of `--input spec` (its files under `root`) would read result files written into `out`."""
+    if out != root and not out.startswith(root + "/"):
+        return False
+    _, pattern = split_glob(spec)
+    if pattern is None:  # a folder is searched recursively; a single file reads only itself
+        return Location(spec).is_dir()
+    inside = out[len(root) :].strip("/")
+    results = [part_name(0), staged_name(0)]  # where a job writes Parquet files in OUT
+    return any(glob_matches(f"{inside}/{name}".lstrip("/"), pattern) for name in results)
 
 
 def _stringy(t) -> bool:

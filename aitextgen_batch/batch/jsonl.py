@@ -7,6 +7,10 @@ line that is not JSON, or not an object, or whose prompt is not a string, or who
 that no line has is refused, as a missing Parquet column is. Messages and params values are kept as JSON text, so
 a malformed one becomes that row's error as in Parquet; kept columns get the Arrow type of their values.
 
+Text that is not valid Unicode (a lone surrogate such as `\ud83d`, which JSON escapes can make and no UTF-8 file can
+hold) is treated as invalid bytes in Parquet are: in a prompt, messages or params it makes that row an error row (the
+copy holds it as the same invalid UTF-8 a Parquet file would), in an id or a kept column it is refused with its line.
+
 The copy is written on the driver (a temporary folder) and, once the job's output has been checked to be this
 job's, copied to OUT/_inputs/: actors on any node read it from the job's own storage.
 """
@@ -18,6 +22,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..config import unicode_error
 from ..errors import UserError
 from ..storage import filesystem
 from .manifest import Columns
@@ -100,6 +105,8 @@ class _Scan:
                 continue
             self.seen[c] += 1
             v = obj[c]
+            if role in ("keep", "id") and (err := _text_error(v)) is not None:
+                self._bad(n, c, flag, f"is not valid Unicode ({err})", v)
             if role == "keep":
                 self.pending[c].append(v)
             elif role == "text" and not (v is None or isinstance(v, str)):
@@ -155,6 +162,17 @@ class _Scan:
                 )
 
 
+def _text_error(value) -> str | None:
+    """Why some text inside `value` (a JSON value) is not valid Unicode, or None."""
+    if isinstance(value, str):
+        return unicode_error(value)
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        return next((err for v in value if (err := _text_error(v)) is not None), None)
+    return None
+
+
 def _unify(a, b):
     import pyarrow as pa
 
@@ -200,7 +218,22 @@ def _table(objs: list[dict], schema, roles):
     def value(obj, c):
         v = obj.get(c)
         if roles[c][0] == "json" and v is not None and not isinstance(v, str):
-            return json.dumps(v, ensure_ascii=False)
+            # escaped where it holds invalid text: the row's check then meets the lone surrogate and names it
+            return json.dumps(v, ensure_ascii=_text_error(v) is not None)
         return v
 
-    return pa.table({f.name: pa.array([value(o, f.name) for o in objs], f.type) for f in schema}, schema=schema)
+    return pa.table({f.name: _array([value(o, f.name) for o in objs], f.type) for f in schema}, schema=schema)
+
+
+def _array(values: list, type_):
+    """An Arrow column of `values`; a string holding a lone surrogate is stored as the invalid UTF-8 it encodes to,
+    exactly as a Parquet file with those bytes holds it (the shard makes that row an error row)."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values, type_)
+    except UnicodeEncodeError:
+        if not pa.types.is_string(type_):
+            raise
+        raw = [v.encode("utf-8", "surrogatepass") if isinstance(v, str) else v for v in values]
+        return pa.array(raw, pa.binary()).view(pa.string())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 
 from ..errors import UserError
@@ -35,6 +36,13 @@ class InputFile:
     name: str  # relative to the input root: used in derived ids
     rows: int
     staged: str | None = None
+    bytes: int | None = None  # the file's size and sha256 when the job was checked: part of the job's identity
+    sha256: str | None = None
+
+    @property
+    def identity(self) -> list:
+        """What identifies this input in a job: [name, rows, bytes, sha256] (a rerun on an edited file is refused)."""
+        return [self.name, self.rows, self.bytes, self.sha256]
 
     @property
     def parquet(self) -> str:
@@ -98,7 +106,7 @@ class Identity:
     sampling: dict
     job_seed: int
     columns: Columns
-    inputs: list[list]  # [file name, rows] per input file
+    inputs: list[list]  # [file name, rows, bytes, sha256] per input file (older jobs: [name, rows])
     shard_rows: int
     engine: Numerics
     chat: ChatSpec | None = None
@@ -284,9 +292,45 @@ def wipe(out: Location) -> None:
         out.delete(name)
 
 
+def changed_inputs(recorded: list[list], now: list[list]) -> list[str]:
+    """What differs between a job's recorded inputs and the inputs now, one phrase per difference (empty: the same).
+
+    A job recorded before input contents were part of its identity has [name, rows] entries: those two are compared.
+    """
+    if [e[:2] for e in recorded] != [e[:2] for e in now]:
+        if [e[0] for e in recorded] != [e[0] for e in now]:
+            return [f"input files {[e[0] for e in recorded]} -> {[e[0] for e in now]}"]
+        return [f"{a[0]} has {b[1]} rows, the job's had {a[1]}" for a, b in zip(recorded, now) if a[1] != b[1]]
+    return [
+        f"{a[0]} changed since the job read it ({a[2]} bytes, sha256 {a[3][:12]}... then; {b[2]} bytes, sha256 "
+        f"{b[3][:12]}... now)"
+        for a, b in zip(recorded, now)
+        if len(a) > 2 and a[2:] != b[2:]
+    ]
+
+
+def foreign_files(out: Location, shards: int) -> list[str]:
+    """Files in OUT that readers of the folder would take for result rows but that are not the part files of a job of
+    `shards` shards (0: a new job, which has none yet). Bookkeeping and hidden names (`_*`, `.*`, at any level) are
+    skipped by every reader, so they are never foreign."""
+    foreign = []
+    for name in out.list(recursive=True) if out.is_dir() else []:
+        if any(part.startswith(("_", ".")) for part in name.split("/")):
+            continue
+        if not (re.fullmatch(r"part-(\d{5})\.parquet", name) and int(name[5:10]) < shards):
+            foreign.append(name)
+    return foreign
+
+
 def check_compatible(old: JobSpec, identity: Identity, out: Location) -> None:
     """Refuse to resume into OUT when the job there was made with another model, params, inputs or plan."""
     before, now = dataclasses.asdict(old.identity), dataclasses.asdict(identity)
+    edited = changed_inputs(before.pop("inputs"), now.pop("inputs"))
+    if edited:
+        raise UserError(
+            f"{out} holds a job made from other input: {'; '.join(edited[:4])}. Its rows would mix with rows of the "
+            "input as it is now: use a new --output, or pass --overwrite to delete its results and start again"
+        )
     diffs = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diffs[:4])

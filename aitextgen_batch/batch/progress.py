@@ -86,6 +86,13 @@ class JobProgress:
         else:
             print(msg, file=sys.stderr, flush=True)
 
+    def note(self, message: str) -> None:
+        """A line about the job's workers (an actor died, is back, was dropped), above the bar."""
+        if self._progress:
+            self._progress.console.print(message, markup=False, highlight=False)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
     def tick(self) -> None:
         if self._progress:
             self._progress.update(self._task, rate=self._rate_text())

@@ -70,41 +70,51 @@ def row_params(base: SamplingParams, value, column: str) -> tuple[SamplingParams
 
 
 def prepare_rows(job: JobSpec, table, origins: list[str], tokenizer) -> RowWork:
-    """Each row's prompt (rendered, for a chat job) and effective params, or its error (the first thing wrong)."""
+    """Each row's prompt (rendered, for a chat job) and effective params, or its error (the first thing wrong).
+
+    Whatever goes wrong while preparing one row (its text, its conversation, the template on it, its params) is that
+    row's error, never its shard's.
+    """
     ident = job.identity
     cols, chat = ident.columns, ident.chat
     base = SamplingParams(**ident.sampling)
     source = cols.messages if chat is not None and chat.mode == "messages" else cols.prompt
     raw, errors = decode_column(table.column(source), origins, "messages" if source == cols.messages else "prompt")
     n = len(raw)
-    prompts: list = list(raw)
+    values, bad = [None] * n, {}
+    if cols.params:
+        values, bad = decode_column(table.column(cols.params), origins, f"--params-column {cols.params!r}")
+    renderer = None
     if chat is not None:
         from ..generation.chat import ChatRenderer
 
         renderer = ChatRenderer(tokenizer, system_prompt=chat.system_prompt, template=job.chat_template)
-        for r in range(n):
-            if r in errors:
-                prompts[r] = None
-                continue
-            if chat.mode == "messages":
-                messages, err = _json(raw[r], "messages")
-                text, err = (None, err) if err else renderer.render(messages)
-            else:
-                err = prompt_error(raw[r])
-                text, err = (None, err) if err else renderer.render_user(raw[r])
-            if err is None:
-                prompts[r] = text
-            else:  # a bad --chat row keeps its prompt text in the output; a bad conversation has none
-                errors[r] = err
-                prompts[r] = raw[r] if chat.mode == "prompt" else None
-    for r in range(n):
-        if r not in errors and (err := prompt_error(prompts[r])) is not None:
-            errors[r] = err
+    prompts: list = [None] * n
     params: list = [base] * n
-    if cols.params:
-        values, bad = decode_column(table.column(cols.params), origins, f"--params-column {cols.params!r}")
-        for r in range(n):
-            params[r], err = (None, bad[r]) if r in bad else row_params(base, values[r], cols.params)
-            if err is not None:
-                errors.setdefault(r, err)
+    for r in range(n):
+        try:
+            prompts[r], err = (None, errors[r]) if r in errors else _prompt(raw[r], chat, renderer)
+            if cols.params:
+                params[r], perr = (None, bad[r]) if r in bad else row_params(base, values[r], cols.params)
+                err = err or perr
+        except Exception as exc:  # anything else one row's values make go wrong stays that row's
+            prompts[r] = raw[r] if isinstance(raw[r], str) and chat is None else None
+            params[r], err = None, f"cannot prepare this row ({type(exc).__name__}: {exc})"
+        if err is not None:
+            errors[r] = err
     return RowWork(prompts, params, errors)
+
+
+def _prompt(value, chat, renderer) -> tuple[str | None, str | None]:
+    """A row's prompt text from its prompt or messages value, or (the text kept in the output, its error)."""
+    if chat is None:
+        return value, prompt_error(value)
+    if chat.mode == "messages":
+        messages, err = _json(value, "messages")
+        text, err = (None, err) if err else renderer.render(messages)
+        return text, err or prompt_error(text)
+    err = prompt_error(value)
+    text, err = (None, err) if err else renderer.render_user(value)
+    if err is not None:  # a bad --chat row keeps its prompt text in the output
+        return value, err
+    return text, prompt_error(text)

@@ -1,9 +1,13 @@
 """The Ray layer: one actor per GPU (or per few CPUs) loads the engine once and pulls shards.
 
 A small scheduler of our own instead of Ray Data or `ActorPool`: submit one shard per idle actor,
-`ray.wait`, and on `RayActorError` (the actor's process died) put the shard back in the queue; the
-actor restarts (`max_restarts`) and keeps pulling. Ray Data's actor pools can hang on a dead actor
-and `ActorPool.map_unordered` re-raises actor errors, which is why this exists.
+`ray.wait`, and on `RayActorError` (the actor's process died) put the shard back in the queue; Ray
+restarts the actor (`max_restarts`), and once it answers `ready` again it keeps pulling. Ray Data's actor
+pools can hang on a dead actor and `ActorPool.map_unordered` re-raises actor errors, which is why this exists.
+
+An actor whose process died is not an actor that cannot start: while Ray restarts it, calls to it fail at once
+("The actor is restarting"), so `ready` is asked again until it answers, for at most `restart_timeout` seconds.
+Only an actor whose constructor raised (the model did not load) is dropped at once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 from .manifest import DoneRecord, JobSpec
 
 STARTUP_TIMEOUT_S = 1800.0  # no actor up after this long (model load included): the cluster cannot place them
+RESTART_TIMEOUT_S = 600.0  # an actor whose process died and that Ray has not brought back after this long is dropped
+RESTART_POLL_S = 0.5  # how often a restarting actor is asked `ready` again
 
 
 @dataclass
@@ -118,19 +124,24 @@ def run_shards(
     on_done: Callable[[DoneRecord], None],
     on_fail: Callable[[int, str], None],
     on_tick: Callable[[], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
     startup_timeout: float = STARTUP_TIMEOUT_S,
+    restart_timeout: float = RESTART_TIMEOUT_S,
 ) -> RunStats:
     """Run `pending` shards on `actors` until each is done or has failed `max_attempts` times.
 
     A shard goes only to an actor that has answered `ready` (its model is loaded): an actor Ray has not placed or
-    not (re)started is never waited on with work. If no actor is up after `startup_timeout` seconds, or every actor
-    failed to start, the shards left are failed with the reason.
+    not (re)started is never waited on with work. An actor whose process died is asked `ready` again until Ray has
+    restarted it (`on_note` says so), and dropped only when it is not back after `restart_timeout` seconds or its
+    constructor raised. If no actor is up after `startup_timeout` seconds, or every actor is dropped, the shards
+    left are failed with the reason.
     """
     import time
 
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
+    note = on_note or (lambda message: None)
     job_ref = ray.put(job)
     queue = deque(pending)
     starting = {actors[a].ready.remote(): a for a in range(len(actors))}
@@ -139,13 +150,21 @@ def run_shards(
     attempts: dict[int, int] = {}
     stats = RunStats()
     dead: dict[int, str] = {}
+    restarting: dict[int, float] = {}  # actor -> when its process died (or its start was interrupted)
+    ask_again: dict[int, float] = {}  # restarting actor -> when to ask `ready` again
+    up: set[int] = set()  # actors that answered `ready` at least once
     since = time.monotonic()
     while queue or inflight:
         while idle and queue:
             a, s = idle.popleft(), queue.popleft()
             inflight[actors[a].run.remote(job_ref, s, batch_size)] = (a, s)
-        stalled = not idle and not inflight
-        if stalled and (not starting or time.monotonic() - since > startup_timeout):
+        now = time.monotonic()
+        for a, at in list(ask_again.items()):
+            if now >= at:
+                del ask_again[a]
+                starting[actors[a].ready.remote()] = a
+        stalled = not idle and not inflight and not ask_again
+        if stalled and (not starting or now - since > startup_timeout):
             reason = "; ".join(sorted(set(dead.values()))) or (
                 f"no actor started within {startup_timeout:.0f} s: the Ray cluster cannot place them "
                 "(see --num-actors, --gpus-per-actor)"
@@ -153,7 +172,12 @@ def run_shards(
             while queue:
                 on_fail(queue.popleft(), f"no actor to run it: {reason}")
             break
-        ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=0.5)
+        refs = [*inflight, *starting]
+        if refs:
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
+        else:  # only restarting actors: wait for the next time to ask them
+            ready = []
+            time.sleep(max(0.0, min(ask_again.values()) - now))
         if on_tick:
             on_tick()
         for ref in ready:
@@ -161,11 +185,26 @@ def run_shards(
                 a = starting.pop(ref)
                 try:
                     ray.get(ref)
-                    stats.actors_started += 1
-                    idle.append(a)
-                    since = time.monotonic()
-                except (RayActorError, RayTaskError) as exc:  # the constructor failed: the model did not load
-                    dead[a] = f"actor failed to start: {_first_line(exc)}"
+                except (RayActorError, RayTaskError) as exc:
+                    if isinstance(exc, RayActorError) and not exc.actor_init_failed:
+                        # the process died or Ray is restarting it ("The actor is restarting"): not a failed start
+                        down = restarting.setdefault(a, time.monotonic())
+                        if time.monotonic() - down < restart_timeout:
+                            ask_again[a] = time.monotonic() + RESTART_POLL_S
+                            continue
+                        del restarting[a]
+                        dead[a] = f"actor {a} did not come back within {restart_timeout:.0f} s: {_first_line(exc)}"
+                    else:  # the constructor raised: the model did not load, and will not on a retry
+                        restarting.pop(a, None)
+                        dead[a] = f"actor failed to start: {_first_line(exc)}"
+                    note(f"dropping actor {a}: {dead[a]}")
+                    continue
+                up.add(a)
+                stats.actors_started = len(up)
+                idle.append(a)
+                since = time.monotonic()
+                if a in restarting:
+                    note(f"actor {a} is back after {time.monotonic() - restarting.pop(a):.1f} s and takes shards again")
                 continue
             a, s = inflight.pop(ref)
             try:
@@ -174,8 +213,14 @@ def run_shards(
                 continue
             except RayActorError as exc:  # the process died (killed, OOM, ...): Ray restarts it
                 stats.actor_restarts += 1
+                restarting[a] = time.monotonic()
                 starting[actors[a].ready.remote()] = a  # work again once it is back
                 error = f"actor died while generating: {_first_line(exc)}"
+                note(
+                    f"actor {a} died while generating shard {s} ({_first_line(exc)[:120]}); Ray is restarting it "
+                    f"(waiting up to {restart_timeout:.0f} s for it); the shard is retried unless it failed "
+                    "--max-shard-attempts times"
+                )
             except RayTaskError as exc:
                 idle.append(a)
                 error = _first_line(exc.cause if getattr(exc, "cause", None) else exc)
@@ -212,9 +257,10 @@ def run_shards_here(
             for attempt in range(1, max_attempts + 1):
                 try:
                     record = _run_checked(engine, job, s, batch_size)
-                # A shard's own failure (an unreadable file, a damaged page, ...), as a Ray task error would be;
-                # the cause is kept in the message.
-                except (RuntimeError, ValueError, OSError, KeyError, IndexError) as exc:
+                # A shard's own failure (an unreadable file, a damaged page, ...), whatever its type, as a Ray task
+                # error would be: retried, then the shard is failed with the cause in the message (rows' own errors
+                # never get here, they are error rows). Ctrl-C (not an Exception) still stops the run.
+                except Exception as exc:
                     if attempt == max_attempts:
                         on_fail(s, f"failed {attempt} times; last error: {_first_line(exc)}")
                     else:

@@ -14,7 +14,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from ..config import to_dict
+from ..config import to_dict, unicode_error
 from ..generation.seeds import SEED_MAX, derive_seed, sample_seed
 from ..storage import Location, open_parquet
 from .manifest import DoneRecord, JobSpec, ShardPlan, part_name, write_done
@@ -163,7 +163,7 @@ def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRe
         prompt = work.prompts[r]
         data["id"].append(rows.ids[r])
         data["sample_index"].append(k)
-        data["prompt"].append(prompt if isinstance(prompt, str) else None if prompt is None else str(prompt))
+        data["prompt"].append(_text(prompt if isinstance(prompt, str) else None if prompt is None else str(prompt)))
         data["seed"].append(seed)
         if PARAMS_FIELD in data:
             p = work.params[r]
@@ -173,12 +173,12 @@ def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRe
         if res is None or res.error:
             n_err += 1
             message = errors.get(i) or res.error
-            first_error = first_error or f"{rows.origins[r]}: {message}"
+            first_error = first_error or _text(f"{rows.origins[r]}: {message}")
             data["text"].append("")
             data["num_prompt_tokens"].append(res.num_prompt_tokens if res else 0)
             data["num_generated_tokens"].append(0)
             data["finish_reason"].append("error")
-            data["error"].append(message)
+            data["error"].append(_text(message))
             for name in LOGPROB_FIELDS + TOKEN_FIELDS:
                 if name in data:
                     data[name].append(None)
@@ -189,7 +189,7 @@ def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRe
             data["num_generated_tokens"].append(res.num_generated_tokens)
             data["finish_reason"].append(res.finish_reason)
             data["error"].append(None)
-            for name, value in logprob_values(res, engine.eos_id).items():
+            for name, value in logprob_values(res).items():
                 if name in data:
                     data[name].append(value)
     schema = output_schema(job)
@@ -221,11 +221,19 @@ def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRe
     return record
 
 
-def logprob_values(res, eos_id: int) -> dict:
+def _text(value: str | None) -> str | None:
+    """Text as the output's string columns can hold it: a lone surrogate (not valid Unicode) becomes its escape."""
+    if value is None or unicode_error(value) is None:
+        return value
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def logprob_values(res) -> dict:
     """A result's log-probability columns. `token_ids` are the generated tokens with the final eos when the row
-    ended with one, so `token_ids`, `token_logprobs` and `num_generated_tokens` have one length."""
+    ended with one, as `GenerationResult.token_ids`: `token_ids`, `token_logprobs` and `num_generated_tokens` have
+    one length."""
     return {
         "cumulative_logprob": res.cumulative_logprob,
-        "token_ids": res.token_ids + [eos_id] * (res.finish_reason == "eos"),
+        "token_ids": res.token_ids,
         "token_logprobs": res.token_logprobs,
     }

@@ -7,12 +7,14 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import check, check_range
+from ..config import check, check_at_most, check_range, check_seed
 from ..errors import UserError
 from ..storage import Location
 from . import manifest as mf
 from .manifest import JobSpec
 from .shard import LOGPROB_FIELDS, PARAMS_FIELD, TOKEN_FIELDS, logprob_values
+
+MAX_SAMPLE = 1_000_000
 
 
 def load_job(output: str | Path) -> JobSpec:
@@ -75,7 +77,7 @@ def regenerate(engine, job: JobSpec, rows: list[dict], threads: list[int | None]
     return results
 
 
-def same(row: dict, res, eos_id: int) -> bool:
+def same(row: dict, res) -> bool:
     """The stored row and a re-generated result agree byte for byte: text, finish, token count, and the
     log-probability columns the row has (token_logprobs as stored, in float32)."""
     import numpy as np
@@ -86,7 +88,7 @@ def same(row: dict, res, eos_id: int) -> bool:
         and row["num_generated_tokens"] == res.num_generated_tokens
     ):
         return False
-    got = logprob_values(res, eos_id)
+    got = logprob_values(res)
     got["token_logprobs"] = np.asarray(got["token_logprobs"], np.float32).tolist()
     return all(row[name] == got[name] for name in LOGPROB_FIELDS + TOKEN_FIELDS if name in row)
 
@@ -161,7 +163,7 @@ def replay_row(output: str | Path, item_id: str, sample_index: int = 0, model: s
         return row, None, True
     engine = job_engine(job, model)
     res = regenerate(engine, job, [row], [record.threads])[0]
-    return row, res, same(row, res, engine.eos_id)
+    return row, res, same(row, res)
 
 
 def run_replay_row(cfg) -> int:
@@ -183,9 +185,33 @@ def run_replay_row(cfg) -> int:
     return 0 if match else 1
 
 
+def check_inputs(job: JobSpec) -> tuple[dict[str, str], list[str]]:
+    """Each input file the job recorded contents for, hashed again: ({file: what changed}, [files no longer found]).
+
+    An input edited since the job read it means the output no longer answers to the input: a rerun would mix rows.
+    """
+    from ..storage import file_digest
+
+    changed, missing = {}, []
+    for f in job.files:
+        if f.sha256 is None:  # a job recorded before inputs' contents were part of its identity
+            continue
+        try:
+            size, sha256 = file_digest(f.path)
+        except (OSError, UserError):
+            missing.append(f.path)
+            continue
+        if [size, sha256] != [f.bytes, f.sha256]:
+            changed[f.path] = (
+                f"changed since the job read it ({f.bytes} bytes, sha256 {f.sha256[:12]}... then; {size} bytes, "
+                f"sha256 {sha256[:12]}... now)"
+            )
+    return changed, missing
+
+
 def verify_output(output: str | Path, sample: int = 100, seed: int = 0, model: str | None = None) -> dict:
-    """Check every part file against its record, exactly-once over all rows, then re-generate `sample` random rows
-    and compare them byte for byte.
+    """Check every part file against its record, the inputs against the contents the job read, exactly-once over all
+    rows, then re-generate `sample` random rows and compare them byte for byte.
 
     Exactly-once: every (id, sample_index) once, and each id with samples 0..k-1, where k is its row's
     num_return_sequences (its `params` column's, with per-row params; else the job's). An input row with no output
@@ -194,6 +220,7 @@ def verify_output(output: str | Path, sample: int = 100, seed: int = 0, model: s
     out = Location(output)
     job = load_job(output)
     parts = check_parts(out, job)
+    inputs_changed, inputs_missing = check_inputs(job)
     keys: set = set()
     dupes = total = 0
     counts = []
@@ -214,7 +241,7 @@ def verify_output(output: str | Path, sample: int = 100, seed: int = 0, model: s
                 k_of[pj] = json.loads(pj)["num_return_sequences"]
             samples.setdefault(i, k_of[pj])
     unexpected = sum(1 for i, k in keys if not 0 <= k < samples[i])
-    inputs = sum(r for _, r in job.identity.inputs)
+    inputs = sum(entry[1] for entry in job.identity.inputs)
     expected = sum(samples.values()) + max(0, inputs - len(samples)) * job_k
     # Sample among non-error rows (error rows carry no generated text to compare).
     rng = random.Random(seed)
@@ -236,7 +263,7 @@ def verify_output(output: str | Path, sample: int = 100, seed: int = 0, model: s
     if chosen:
         engine = job_engine(job, model)
         results = regenerate(engine, job, chosen, threads)
-        mismatches = [r["id"] for r, res in zip(chosen, results, strict=True) if not same(r, res, engine.eos_id)]
+        mismatches = [r["id"] for r, res in zip(chosen, results, strict=True) if not same(r, res)]
     return {
         "rows": total,
         "expected_rows": expected,
@@ -244,11 +271,14 @@ def verify_output(output: str | Path, sample: int = 100, seed: int = 0, model: s
         "missing": max(0, expected - (len(keys) - unexpected)),
         "unexpected": unexpected,
         "damaged_files": len(parts.damaged),
+        "changed_inputs": len(inputs_changed),
         "checked": len(chosen),
         "mismatches": len(mismatches),
         "mismatch_rate": len(mismatches) / len(chosen) if chosen else 0.0,
         "mismatched_ids": mismatches[:20],
         "damaged": parts.damaged,
+        "inputs_changed": inputs_changed,
+        "inputs_missing": inputs_missing,
     }
 
 
@@ -265,8 +295,13 @@ class VerifyConfig:
     def __post_init__(self):
         check(bool(self.output), "output", "is required")
         check_range("sample", self.sample, 1)
+        check_at_most("sample", self.sample, MAX_SAMPLE, " (re-generated rows are held together)")
+        check_seed("seed", self.seed)
         if self.threads is not None:
+            from ..generation.options import MAX_THREADS
+
             check_range("threads", self.threads, 1)
+            check_at_most("threads", self.threads, MAX_THREADS)
 
 
 def run_verify(cfg: VerifyConfig) -> int:
@@ -274,12 +309,17 @@ def run_verify(cfg: VerifyConfig) -> int:
     from ..console import print_table
 
     report = verify_output(cfg.output, cfg.sample, cfg.seed, cfg.model)
-    print_table({k: v for k, v in report.items() if k not in ("mismatched_ids", "damaged")}, title="verify")
-    bad = ("mismatches", "duplicates", "missing", "unexpected", "damaged_files")
+    details = ("mismatched_ids", "damaged", "inputs_changed", "inputs_missing")
+    print_table({k: v for k, v in report.items() if k not in details}, title="verify")
+    bad = ("mismatches", "duplicates", "missing", "unexpected", "damaged_files", "changed_inputs")
     ok = not any(report[k] for k in bad)
     if report["mismatched_ids"]:
         print(f"mismatched ids: {report['mismatched_ids']}")
     for name, what in report["damaged"].items():
         print(f"damaged: {name} {what}; rerun the generate command to redo it")
+    for name, what in report["inputs_changed"].items():
+        print(f"input {name} {what}: the output was made from other rows; rerun generate with --overwrite")
+    for name in report["inputs_missing"]:
+        print(f"note: input {name} is no longer there; its contents were not checked")
     print("OK: every sampled row matches byte for byte" if ok else "FAILED")
     return 0 if ok else 1

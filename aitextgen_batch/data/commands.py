@@ -8,9 +8,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import check, check_range
+from ..config import check, check_at_most, check_range
 from ..errors import UserError
 from .cache import INDEX, read_index, verify_shard
+
+MAX_SHARDS = 100_000
+MAX_BATCH_TEXTS = 1_000_000
 
 
 @dataclass
@@ -43,7 +46,9 @@ class PrepareConfig:
         check(self.tokenizer is not None, "tokenizer", "is required: the folder of the tokenizer the model uses")
         check(self.output is not None, "output", "is required: the cache folder to create")
         check_range("num_shards", self.num_shards, 1)
+        check_at_most("num_shards", self.num_shards, MAX_SHARDS)
         check_range("batch_size", self.batch_size, 1)
+        check_at_most("batch_size", self.batch_size, MAX_BATCH_TEXTS)
         check(self.column != "", "column", "must not be empty")
         check(self.field != "", "field", "must not be empty")
 

@@ -2,7 +2,9 @@
 
 Every reader yields `(text, ends)` pairs: `ends` is True when `text` finishes a document (the builder appends eos
 after it) and False for a leading piece of a document too large to encode in one call. Nothing reads a whole
-file: text files are read in blocks, CSV and JSONL line by line, Parquet in record batches.
+file: text files are read in blocks, CSV and JSONL line by line, Parquet in record batches. Text, CSV and JSONL
+files are UTF-8, with or without a byte-order mark (a leading BOM is dropped, never a token or part of a header);
+text that is not valid UTF-8 or Unicode is refused naming the file and its line (or row).
 
 A large document is cut only at whitespace that every common byte-level pre-tokenizer (GPT-2's and Llama 3's
 regex) splits at anyway: after a lone newline between two non-space characters, or failing that before a
@@ -20,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..config import unicode_error
 from ..errors import UserError
 
 Piece = tuple[str, bool]
@@ -66,7 +69,23 @@ def read_documents(path: Path, *, line_by_line: bool, column: str | None, field:
         else:
             yield from _jsonl_records(path, field)
     except UnicodeDecodeError as exc:
-        raise UserError(f"input {str(path)!r} is not UTF-8 text ({exc.reason}); convert it to UTF-8") from None
+        where = _first_invalid_line(path) or repr(str(path))
+        raise UserError(f"input {where} is not UTF-8 text ({exc.reason}); convert it to UTF-8") from None
+
+
+def _first_invalid_line(path: Path) -> str | None:
+    """`'FILE' line N` of the first line that is not UTF-8 (read again only once decoding failed), or None."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return f"{str(path)!r} line {n}"
+    except OSError:
+        return None
+    return None
 
 
 def text_pieces(texts: Iterable[str], *, line_by_line: bool, chunk_chars: int) -> Iterator[Piece]:
@@ -115,7 +134,7 @@ def _safe_cut(text: str) -> int | None:
 @contextmanager
 def _open_text(path: Path, newline: str | None = None):
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline=newline) as f:
+    with opener(path, "rt", encoding="utf-8-sig", newline=newline) as f:  # -sig: a leading BOM is dropped
         yield f
 
 
@@ -181,11 +200,28 @@ def _parquet_rows(path: Path, column: str | None) -> Iterator[Piece]:
     import pyarrow.parquet as pq
 
     name = _parquet_column(path, column)
+    row = 0
     with pq.ParquetFile(path) as pf:
         for batch in pf.iter_batches(batch_size=1024, columns=[name]):
-            for text in batch.column(0).to_pylist():
+            try:
+                texts = batch.column(0).to_pylist()
+            except UnicodeDecodeError as exc:
+                bad = next(i for i in range(batch.num_rows) if not _decodes(batch.column(0)[i]))
+                raise UserError(
+                    f"{path} row {row + bad}: column {name!r} is not valid UTF-8 ({exc.reason}); fix the file"
+                ) from None
+            for text in texts:
                 if text and text.strip():
                     yield text, True
+            row += batch.num_rows
+
+
+def _decodes(value) -> bool:
+    try:
+        value.as_py()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _jsonl_records(path: Path, field: str | None) -> Iterator[Piece]:
@@ -208,5 +244,7 @@ def _jsonl_records(path: Path, field: str | None) -> Iterator[Piece]:
                 continue
             if not isinstance(text, str):
                 raise UserError(f"{path}:{lineno}: field {field!r} is a {type(text).__name__}, not a string")
+            if (err := unicode_error(text)) is not None:
+                raise UserError(f"{path}:{lineno}: field {field!r} is not valid Unicode ({err}); fix the line")
             if text.strip():
                 yield text, True

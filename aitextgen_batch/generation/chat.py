@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from ..config import unicode_error
 from ..errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -30,6 +31,8 @@ def message_error(messages) -> str | None:
             return f"message {i} has role {role!r}; use one of {', '.join(ROLES)}"
         if not isinstance(content, str):
             return f"message {i} ({role}) content must be a string, got {type(content).__name__}"
+        if (err := unicode_error(content)) is not None:
+            return f"message {i} ({role}) content is not valid Unicode ({err})"
     return None
 
 
@@ -54,10 +57,7 @@ class ChatRenderer:
         if template is not None:
             self.template = template
         elif template_file is not None:
-            path = Path(template_file)
-            if not path.is_file():
-                raise UserError(f"--chat-template {str(path)!r} is not a file; give a Jinja chat template file")
-            self.template = path.read_text(encoding="utf-8")
+            self.template = read_template(template_file)
         else:
             self.template = getattr(tokenizer, "chat_template", None)
         if not self.template:
@@ -70,7 +70,7 @@ class ChatRenderer:
         from jinja2 import TemplateSyntaxError
 
         try:  # a broken template fails every row: refuse it before any work
-            self.render([{"role": "user", "content": "probe"}])
+            self.probe = self.render([{"role": "user", "content": "probe"}])
         except TemplateSyntaxError as exc:
             where = (
                 "the job's chat template"
@@ -104,10 +104,46 @@ class ChatRenderer:
             raise
         except TemplateError as exc:  # the template's own raise_exception(), e.g. roles that must alternate
             return None, f"the chat template refused this row's messages: {exc}"
+        except Exception as exc:  # whatever else the template raises on one row is that row's error
+            return None, f"the chat template failed on this row's messages ({type(exc).__name__}: {exc})"
         return text, None
+
+    def refuses_every_row(self, every_row_is_one_user_message: bool) -> str | None:
+        """Why every row of the job would be an error row, found by the probe render, or None.
+
+        The probe is one user message with the system prompt: the conversation of every `--chat` row, and the start
+        of every conversation a `--system-prompt` goes into.
+        """
+        _, err = self.probe
+        if err is None or not (every_row_is_one_user_message or self.system_prompt is not None):
+            return None
+        given = " with --system-prompt" if self.system_prompt is not None else ""
+        return (
+            f"{err.replace('this row', 'every row')} (probed with one user message{given}): every row would be an "
+            "error row. Fix the template" + (", or leave out --system-prompt" if given else "")
+        )
 
     def render_user(self, prompt) -> tuple[str | None, str | None]:
         """A plain prompt as a single user message (`--chat`)."""
         if not isinstance(prompt, str):
             return None, f"prompt must be a string, got {type(prompt).__name__}"
         return self.render([{"role": "user", "content": prompt}])
+
+
+def read_template(template_file: str | Path) -> str:
+    """A chat template file's text (UTF-8, a leading BOM dropped).
+
+    Raises:
+        UserError: not a file, not UTF-8 (naming the byte), or empty.
+    """
+    path = Path(template_file)
+    where = f"--chat-template {str(path)!r}"
+    if not path.is_file():
+        raise UserError(f"{where} is not a file; give a Jinja chat template file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    if not text.strip():
+        raise UserError(f"{where} is empty; give a Jinja chat template (as aitextgen_batch/assets/chat_template.jinja)")
+    return text

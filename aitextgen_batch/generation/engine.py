@@ -43,7 +43,7 @@ MAX_ATTEMPTS = 8
 # it is rarer; on a CPU it costs nothing and frees finished slots at once.
 DEFAULT_CHECK_EVERY = {"cpu": 1, "cuda": 8}
 # Versions of the engine's arithmetic: a job made by one cannot be resumed by another.
-NUMERICS_VERSION = 2
+NUMERICS_VERSION = 3
 # Decoders (cache + captured graphs) kept per engine, least recently used dropped first.
 MAX_DECODERS = 4
 

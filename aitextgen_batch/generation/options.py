@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import check, check_range
-from .params import SamplingParams
+from ..config import check, check_at_most, check_range, check_seed
+from .params import MAX_RETURN_SEQUENCES, SamplingParams
+
+MAX_SLOTS = 4096  # rows per decode step: more is a multi-GB cache for the smallest model
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -37,10 +40,12 @@ class EngineConfig:
 
         if self.slots is not None:
             check_range("slots", self.slots, 2)
+            check_at_most("slots", self.slots, MAX_SLOTS, " (each slot holds a row's key/value cache)")
         if self.prefill_rows is not None:
-            check_range("prefill_rows", self.prefill_rows, 2, self.slots)
+            check_range("prefill_rows", self.prefill_rows, 2, self.slots or MAX_SLOTS)
         if self.threads is not None:
             check_range("threads", self.threads, 1)
+            check_at_most("threads", self.threads, MAX_THREADS)
         if self.dtype is not None:
             check(self.dtype in DTYPE_NAMES, "dtype", f"must be one of {', '.join(DTYPE_NAMES)}", self.dtype)
 
@@ -81,7 +86,36 @@ class ReplayConfig:
             check(self.seed is not None, "seed", "is required (or pass --output OUT --id X)")
         else:
             check(self.id is not None, "id", "is required with --output")
+            unused = self._unused_with_output()
+            check(
+                not unused,
+                unused[0] if unused else "output",
+                "is not used with --output: replay regenerates the row with the job's own model files, tokenizer, "
+                "engine and params (only --model for a moved model, --sample-index, --threads and --json apply); "
+                "drop it",
+            )
+        if self.seed is not None:
+            check_seed("seed", self.seed)
         check_range("sample_index", self.sample_index, 0)
+        check_at_most("sample_index", self.sample_index, MAX_RETURN_SEQUENCES - 1)
+
+    def _unused_with_output(self) -> list[str]:
+        """The options given (not at their defaults) that replaying a job's row would ignore."""
+        import dataclasses
+
+        unused = [
+            f.name
+            for part in (self.engine, self.sampling)
+            for f in dataclasses.fields(part)
+            if f.name not in ("model", "threads") and getattr(part, f.name) != _default(f)
+        ]
+        return unused + [name for name in ("prompt", "seed") if getattr(self, name) is not None]
+
+
+def _default(f):
+    import dataclasses
+
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def run_replay(cfg: ReplayConfig) -> int:

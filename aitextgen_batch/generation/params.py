@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config import check, check_range
+from ..config import check, check_at_most, check_range, check_text
+
+# Upper bounds of the sizes a row may ask for, checked like the flags' other rules (a row beyond one is that row's
+# error, a flag beyond one is refused before anything starts). They lie far beyond any use: a context of 16M
+# tokens, a vocabulary of 16M tokens (a larger top_k keeps every token anyway).
+MAX_NEW_TOKENS = 1 << 24
+MAX_TOP_K = 1 << 24
+MAX_RETURN_SEQUENCES = 1024  # every sample is a work item held by its shard: more would exhaust an actor's memory
+MAX_STOPS = 256
+MAX_STOP_CHARS = 1024  # stop strings are searched in a margin of this many characters per step
 
 MAX_STOP_TOKEN_IDS = 16  # per row: they are a fixed-width tensor in the decode step
 
@@ -34,24 +43,33 @@ class SamplingParams:
         default=True, metadata={"help": "re-draw empty results from the item's own seed stream (up to 8 times)"}
     )
     skip_special_tokens: bool = field(default=True, metadata={"help": "drop special tokens from the text"})
-    num_return_sequences: int = field(default=1, metadata={"help": "samples per prompt, >= 1, each with its seed"})
+    num_return_sequences: int = field(default=1, metadata={"help": "samples per prompt, 1 to 1024, each with its seed"})
     truncate: Literal["error", "left"] = field(
         default="error", metadata={"help": "over-long prompts: per-row error, or keep their last tokens"}
     )
 
     def __post_init__(self):
         check_range("max_new_tokens", self.max_new_tokens, 1)
+        check_at_most("max_new_tokens", self.max_new_tokens, MAX_NEW_TOKENS)
         check_range("min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens)
         check_range("temperature", self.temperature, 0.0)
         check_range("top_k", self.top_k, 0)
+        check_at_most("top_k", self.top_k, MAX_TOP_K, " (a top_k beyond the vocabulary keeps every token)")
         check_range("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         check_range("repetition_penalty", self.repetition_penalty, 0.0, lo_open=True)
         check_range("num_return_sequences", self.num_return_sequences, 1)
+        check_at_most("num_return_sequences", self.num_return_sequences, MAX_RETURN_SEQUENCES)
         check(self.truncate in ("error", "left"), "truncate", "must be 'error' or 'left'", self.truncate)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
+        check(len(self.stop) <= MAX_STOPS, "stop", f"takes at most {MAX_STOPS} strings, got {len(self.stop)}")
+        longest = max(map(len, self.stop), default=0)
+        check(longest <= MAX_STOP_CHARS, "stop", f"strings must be at most {MAX_STOP_CHARS} characters, got {longest}")
+        check(isinstance(self.prefix, str), "prefix", "must be a string", self.prefix)
+        for name, text in [("prefix", self.prefix)] + [("stop", s) for s in self.stop]:
+            check_text(name, text)
         if isinstance(self.stop_token_ids, int):
             self.stop_token_ids = [self.stop_token_ids]
         self.stop_token_ids = list(self.stop_token_ids)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..config import unicode_error
+
 
 def prompt_error(prompt, *, allow_empty: bool = False) -> str | None:
     """Why `prompt` cannot be generated from, or None.
@@ -17,7 +19,8 @@ def prompt_error(prompt, *, allow_empty: bool = False) -> str | None:
         return f"prompt must be a string, got {type(prompt).__name__}"
     if not allow_empty and not prompt.strip():
         return "prompt is empty"
-    return None
+    err = unicode_error(prompt)
+    return None if err is None else f"prompt is not valid Unicode ({err})"
 
 
 def room_error(max_new_tokens: int, context: int) -> str | None:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
+
+from ..config import SEED_MAX, check_seed
 
 MASK64 = (1 << 64) - 1
-SEED_MAX = (1 << 63) - 1
 
 
 def derive_seed(job_seed: int, item_id, sample_index: int = 0) -> int:
@@ -34,7 +36,12 @@ def derive_seed(job_seed: int, item_id, sample_index: int = 0) -> int:
 
 
 def sample_seed(seed: int, sample_index: int) -> int:
-    """Seed of sample `sample_index` of an item whose seed is `seed` (sample 0 keeps the item's seed)."""
+    """Seed of sample `sample_index` of an item whose seed is `seed` (sample 0 keeps the item's seed).
+
+    Raises:
+        UserError: `seed` is not an integer in [0, 2**63-1] (a seed beyond it would wrap onto another one's stream).
+    """
+    check_seed("seed", int(seed) if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) else seed)
     return int(seed) if sample_index == 0 else derive_seed(int(seed), "sample", sample_index)
 
 

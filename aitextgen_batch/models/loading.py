@@ -114,13 +114,42 @@ def _check_device_dtype(device: str, dtype) -> None:
         )
 
 
+# Sizes a config may state (GPT-2 and Llama-style names): each must be a positive integer when given.
+CONFIG_SIZES = (
+    "n_layer", "num_hidden_layers", "n_head", "num_attention_heads", "num_key_value_heads", "n_embd", "hidden_size",
+    "n_inner", "intermediate_size", "vocab_size", "n_positions", "n_ctx", "max_position_embeddings", "head_dim",
+)  # fmt: skip
+
+
+def check_config_file(folder: str | Path) -> None:
+    """Refuse a `config.json` that is not a JSON object, or that states a size that is not a positive integer.
+
+    Raises:
+        UserError: naming the file, the key and its value.
+    """
+    import json
+
+    where = f"{str(folder)!r}: cannot load its config.json"
+    try:
+        data = json.loads((Path(folder) / "config.json").read_bytes())
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{where} (not valid JSON: {exc}); fix or re-save the model folder") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{where} (it holds a JSON {type(data).__name__}, not an object of config keys); fix it")
+    for key in CONFIG_SIZES:
+        value = data.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise UserError(f"{where} ({key} is {value!r}; it must be a positive integer); fix the config")
+
+
 def load_config(folder: str | Path, trust_remote_code: bool = False):
     """A model folder's config (`config.json`); an unreadable or invalid one is a UserError naming the file."""
     from transformers import AutoConfig
 
+    check_config_file(folder)
     try:
         return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code, local_files_only=True)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         raise UserError(_load_error(folder, "config.json", exc)) from exc
 
 
@@ -147,7 +176,7 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
         )
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: a config.json that is no mapping
         raise UserError(_load_error(folder, "tokenizer", exc)) from exc
     return prepare_tokenizer(tok)
 
@@ -172,16 +201,50 @@ def _check_vocab(model, tok, where: str) -> None:
         )
 
 
-def _folder_weights(folder: Path, allow_pickle: bool) -> None:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+VOCAB_SLACK = 1024  # embedding rows a model may have beyond its tokenizer's tokens (padded to a multiple, reserved)
+
+
+def check_tokenizer_fits(folder: Path | None, tok, given, n_embed: int, trust_remote_code: bool = False) -> None:
+    """Refuse a tokenizer given with --tokenizer that is not the model's: its ids would mean other text, and the model
+    would generate garbage without a word.
+
+    A model folder with a tokenizer of its own: the given one must have the same vocabulary. Without one: the given
+    tokenizer must cover the embedding, up to `VOCAB_SLACK` rows of padding (a larger tokenizer is `_check_vocab`'s).
+    """
+    if folder is None or given is None or Path(given).resolve() == Path(folder).resolve():
+        return
+    where = f"--tokenizer {str(given)!r}"
+    if any((Path(folder) / f).exists() for f in TOKENIZER_FILES):
+        own = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        if own.get_vocab() != tok.get_vocab():
+            raise UserError(
+                f"{where} ({len(tok)} tokens) is not the tokenizer of {str(folder)!r} ({len(own)} tokens, other ids): "
+                "the model would turn its ids into other text. Drop --tokenizer to use the model's own, or pass a "
+                "tokenizer with the same vocabulary"
+            )
+    elif len(tok) < n_embed - VOCAB_SLACK:
+        raise UserError(
+            f"{where} has {len(tok)} tokens but the model's embedding has {n_embed} rows: it is not the tokenizer the "
+            "model was trained with; pass that one"
+        )
+
+
+def check_folder_weights(folder: Path, allow_pickle: bool, *, pickle_flag: bool = True) -> None:
+    """Refuse a model folder without weights, or with pickle weights only unless `allow_pickle`.
+
+    Args:
+        pickle_flag: the command takes --allow-pickle (`finetune` does not: its message says to convert instead).
+    """
     if any((folder / f).exists() for f in WEIGHT_FILES) or list(folder.glob("*.safetensors")):
         return
     if any((folder / f).exists() for f in PICKLE_FILES):
         if allow_pickle:
             return
+        fix = " or pass --allow-pickle / allow_pickle=True if you trust the file" if pickle_flag else " first"
         raise UserError(
             f"{str(folder)!r} has only pickle weights (pytorch_model.bin), which can run arbitrary "
-            "code when loaded; convert them to safetensors (model.save_pretrained(dir)) or pass "
-            "--allow-pickle / allow_pickle=True if you trust the file"
+            f"code when loaded; convert them to safetensors (model.save_pretrained(dir)){fix}"
         )
     raise UserError(
         f"{str(folder)!r} has a config but no weights (model.safetensors); "
@@ -272,7 +335,10 @@ def load_model(
         (model, tokenizer), the model in eval mode on `device`.
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
+
+    from .fingerprint import NOT_FINITE, non_finite
 
     resolved = resolve_source(source)
     source = resolved.source or str(resolved.folder)
@@ -294,7 +360,8 @@ def load_model(
             model = AutoModelForCausalLM.from_config(config, **extra)
     else:
         folder = resolved.folder
-        _folder_weights(folder, allow_pickle)
+        check_config_file(folder)
+        check_folder_weights(folder, allow_pickle)
         tok_dir = Path(tokenizer) if tokenizer is not None else folder
         tok = load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
         try:
@@ -306,9 +373,14 @@ def load_model(
                 use_safetensors=not allow_pickle or None,
                 **extra,
             )
-        except (OSError, ValueError) as exc:  # an invalid config.json, unreadable weights, remote code refused
+        except (OSError, ValueError, SafetensorError) as exc:  # an invalid config, unreadable weights, remote code
             raise UserError(_load_error(source, "config and weights", exc)) from exc
         _check_vocab(model, tok, source)
+        n_embed = model.get_input_embeddings().weight.shape[0]
+        check_tokenizer_fits(folder, tok, tokenizer, n_embed, trust_remote_code)
+        bad = next((name for name, p in model.named_parameters() if non_finite(p)), None)
+        if bad is not None:
+            raise UserError(f"{source!r}: weight {bad!r} {NOT_FINITE}; use another model or checkpoint")
     model.to(device=device, dtype=dtype)
     model.eval()
     return model, tok

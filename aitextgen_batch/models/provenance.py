@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError
+
 
 @dataclass
 class SourceFacts:
@@ -28,7 +30,7 @@ def inspect_source(
     """
     from .context import context_length
     from .fingerprint import combine, config_digest, model_fingerprint, tokenizer_fingerprint, weights_digest
-    from .loading import load_config, load_model, load_tokenizer, resolve_source
+    from .loading import check_tokenizer_fits, load_config, load_model, load_tokenizer, resolve_source
 
     resolved = resolve_source(source)
     folder = resolved.folder
@@ -40,9 +42,16 @@ def inspect_source(
         return SourceFacts(
             model_fingerprint(model, tok, folder), context_length(model.config), tok, model.config, params
         )
+    config = load_config(folder, trust_remote_code)  # first: the tokenizer's loader reads config.json too
     tok = load_tokenizer(tokenizer or folder, trust_remote_code=trust_remote_code)
-    config = load_config(folder, trust_remote_code)
-    fingerprint = combine(weights_digest(None, folder), config_digest(config), tokenizer_fingerprint(tok))
+    n_embed = getattr(config, "vocab_size", None) or len(tok)
+    if len(tok) > n_embed:
+        raise UserError(
+            f"{source!r}: the tokenizer has {len(tok)} tokens but the model's embedding has only {n_embed} rows; use "
+            "the tokenizer the model was trained with"
+        )
+    check_tokenizer_fits(folder, tok, tokenizer, n_embed, trust_remote_code)
+    fingerprint = combine(weights_digest(None, folder, finite=True), config_digest(config), tokenizer_fingerprint(tok))
     return SourceFacts(fingerprint, context_length(config), tok, config, parameter_count(folder))
 
 

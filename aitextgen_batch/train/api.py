@@ -23,7 +23,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..config import check, to_dict
+from ..config import check, flag, to_dict
 from ..errors import UserError
 from .config import FinetuneConfig
 from .state import saved_steps
@@ -40,8 +40,19 @@ IDENTITY = (
 
 
 def _model(cfg: FinetuneConfig):
-    """(source for the workers, tokenizer folder or None, tokenizer, model config) without loading weights."""
-    from ..models.loading import load_config, load_tokenizer, resolve_source
+    """(source for the workers, tokenizer folder or None, tokenizer, model config) without loading the model.
+
+    The folder's config, tokenizer and weights are checked here, on the driver, so that a bad model is refused before
+    Ray Train starts: safetensors only (workers never open pickle), every file readable and every weight finite.
+    """
+    from ..models.fingerprint import weights_digest
+    from ..models.loading import (
+        check_folder_weights,
+        check_tokenizer_fits,
+        load_config,
+        load_tokenizer,
+        resolve_source,
+    )
     from ..models.presets import preset_config
 
     if cfg.preset is not None:
@@ -50,10 +61,14 @@ def _model(cfg: FinetuneConfig):
     resolved = resolve_source(cfg.model or "")  # no --model: the bundled default model
     if resolved.kind == "preset":
         raise UserError(f"--model {cfg.model!r} names a preset: pass --preset {cfg.model} --tokenizer DIR instead")
-    folder = resolved.folder
-    tok_dir = cfg.tokenizer or folder
-    tok = load_tokenizer(tok_dir)
+    folder = Path(resolved.folder)
     config = load_config(folder)
+    check_folder_weights(folder, allow_pickle=False, pickle_flag=False)
+    if not list(folder.glob("*.safetensors")):  # a sharded checkpoint's index names files that are not there
+        raise UserError(f"{str(folder)!r} has no *.safetensors weight files; save the model with save_pretrained")
+    weights_digest(None, folder, finite=True)
+    tok = load_tokenizer(cfg.tokenizer or folder)
+    check_tokenizer_fits(folder, tok, cfg.tokenizer, getattr(config, "vocab_size", None) or len(tok))
     source = str(Path(folder).resolve()) if resolved.kind == "folder" else cfg.model
     return source, str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else None, tok, config
 
@@ -69,7 +84,9 @@ def plan(cfg: FinetuneConfig) -> dict:
     from ..models.context import context_length
 
     source, tok_dir, tok, mconf = _model(cfg)
-    ds = TokenDataset(cfg.dataset, tokenizer=tok, verify=False)  # names both fingerprints on a mismatch
+    # every shard's sha256 is checked here (streamed), so a damaged cache is named before Ray Train starts; the
+    # tokenizer check names both fingerprints on a mismatch
+    ds = TokenDataset(cfg.dataset, tokenizer=tok, verify=True)
     parts = ds.partition(cfg.num_workers)  # refuses fewer shards than workers
     context = context_length(mconf)
     block = cfg.block_size or min(context, DEFAULT_BLOCK)
@@ -249,6 +266,7 @@ def _launch(cfg: FinetuneConfig, p: dict, out: Path, last: int, t0: float) -> di
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
+    trainer._register_sigint_handler = _interrupt_on_sigint  # Ray Train's own handler exits 1 without a word
     error = None
     with FinetuneProgress(out, last, cfg.max_steps, quiet=cfg.quiet):
         try:
@@ -259,8 +277,53 @@ def _launch(cfg: FinetuneConfig, p: dict, out: Path, last: int, t0: float) -> di
     if result is not None and result.error is not None:
         error = str(result.error)
     checkpoint = Path(result.checkpoint.path) if result is not None and result.checkpoint is not None else None
+    diverged = _diverged(cfg, out, t0)
+    if diverged:  # the workers stopped at the step: nothing of it or after it was saved, and nothing is published
+        error, checkpoint = diverged, None
     status = "complete" if error is None and checkpoint is not None else "failed"
     return _finish(cfg, out, checkpoint, t0, status, error, cfg.num_workers)
+
+
+def _diverged(cfg: FinetuneConfig, out: Path, t0: float) -> str | None:
+    """The error of a run whose loss or weights stopped being finite (a `diverged` event of this run), or None."""
+    events = [e for e in _read_jsonl(out / "events.jsonl") if e.get("time", 0) >= t0]
+    hit = next((e for e in events if e["event"] == "diverged"), None)
+    if hit is None:
+        return None
+    step = hit["step"]
+    good = [s for s, _ in saved_steps(out / RUN_NAME) if s < step]
+    where = f"{flag('learning_rate')} {cfg.learning_rate:g} may be too high"
+    if good:
+        last = out / RUN_NAME / f"step-{good[-1]:08d}"
+        fix = (
+            f"The last good save is step {good[-1]} ({last}): to go on from it, finetune --model {last} into a new "
+            "--output with a lower --learning-rate (rerunning this command would resume there and diverge again)"
+        )
+    else:
+        fix = "No step was saved before it: rerun with a lower --learning-rate (the same --output starts again)"
+    return (
+        f"training diverged at step {step}: {hit['what']} ({where}). Training stopped; no weights of step {step} or "
+        f"later were saved, and no model was published. {fix}"
+    )
+
+
+def _interrupt_on_sigint(controller) -> None:
+    """Ctrl-C during `fit`: abort the run's controller (its workers stop; saved steps stay), then raise
+    KeyboardInterrupt in the driver, so the CLI says how to resume and exits 130 as `generate` does. A second Ctrl-C
+    interrupts at once."""
+    import signal
+
+    import ray
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            ray.get(controller.abort.remote(), timeout=30)
+        except Exception:  # the controller is gone already, or did not answer in time: the driver stops anyway
+            log.debug("aborting the Ray Train controller failed", exc_info=True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
 
 
 def _finish(cfg, out: Path, checkpoint: Path | None, t0: float, status: str, error, workers: int) -> dict:

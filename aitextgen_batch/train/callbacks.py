@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 from collections import deque
 from pathlib import Path
@@ -45,6 +46,42 @@ def truncate_logs(output: Path, step: int) -> None:
         write_file_atomic(samples, "".join(ln + "\n" for ln in lines).encode())
 
 
+class Divergence:
+    """Trips once the loss or the weights stop being finite: training stops at that step, and nothing from it on is
+    saved or sampled, so non-finite weights never reach a save or the published model.
+
+    Every rank sees the same all-reduced loss and the same (DDP-synchronized) weights, so all ranks trip at the same
+    step and no collective is left waiting. Rank 0 records a `diverged` event; the driver reports it.
+    """
+
+    def __init__(self, events: Path, write: bool):
+        self.events, self.write = events, write
+        self.step: int | None = None
+
+    def loss(self, trainer, step: int, loss: float) -> bool:
+        """False (and training stops) when `loss` is not finite."""
+        if math.isfinite(loss):
+            return True
+        self._trip(trainer, step, f"the loss is {loss}")
+        return False
+
+    def weights(self, trainer, step: int, model) -> bool:
+        """False (and training stops) when a weight is not finite; checked before anything saves or samples them."""
+        bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is None:
+            return True
+        self._trip(trainer, step, f"the weight {bad} holds non-finite values")
+        return False
+
+    def _trip(self, trainer, step: int, what: str) -> None:
+        trainer.should_stop = True
+        if self.step is not None:
+            return
+        self.step = step
+        if self.write:
+            append_jsonl(self.events, {"event": "diverged", "step": step, "what": what, "time": time.time()})
+
+
 class _EveryStep(pl.Callback):
     """Calls `optimizer_step(trainer, module, step)` once after each optimizer step (not each micro-batch)."""
 
@@ -65,8 +102,16 @@ class MetricsLog(pl.Callback):
     The smoothing is a running mean over the first 100 steps, then an exponential average with weight 0.01.
     """
 
-    def __init__(self, path: Path, write: bool, smoothed: float | None = None, count: int = 0, tokens: int = 0):
-        self.path, self.write = path, write
+    def __init__(
+        self,
+        path: Path,
+        write: bool,
+        smoothed: float | None = None,
+        count: int = 0,
+        tokens: int = 0,
+        guard: Divergence | None = None,
+    ):
+        self.path, self.write, self.guard = path, write, guard
         self.smoothed, self.count, self.tokens = smoothed, count, tokens
         self.session_tokens = 0
         self._sums = None
@@ -93,6 +138,8 @@ class MetricsLog(pl.Callback):
         total = trainer.strategy.reduce(self._sums, reduce_op="sum")
         self._sums = None
         step_loss, tokens = float(total[0] / total[1]), int(total[2])
+        if self.guard is not None and not self.guard.loss(trainer, module.step, step_loss):
+            return  # a non-finite loss is no metric: training stops here
         self.count += 1
         weight = max(0.01, 1.0 / self.count)
         self.smoothed = step_loss if self.smoothed is None else (1 - weight) * self.smoothed + weight * step_loss
@@ -126,13 +173,29 @@ class Checkpointer(_EveryStep):
         state: returns extra JSON/tensor state to save (sampler position, metrics).
     """
 
-    def __init__(self, root: Path, every: int, max_steps: int, tokenizer, write: bool, report, state, events: Path):
+    def __init__(
+        self,
+        root: Path,
+        every: int,
+        max_steps: int,
+        tokenizer,
+        write: bool,
+        report,
+        state,
+        events: Path,
+        guard: Divergence | None = None,
+    ):
         self.root, self.every, self.max_steps, self.tokenizer = root, every, max_steps, tokenizer
         self.write, self.report, self.state, self.events = write, report, state, events
+        self.guard = guard
 
     def optimizer_step(self, trainer, module, step: int) -> None:
         if step % self.every and step != self.max_steps:
             return
+        if self.guard is not None and (
+            self.guard.step is not None or not self.guard.weights(trainer, step, module.model)
+        ):
+            return  # never save weights of a diverged run
         from .state import write_step
 
         extra = self.state()
@@ -147,12 +210,26 @@ class Checkpointer(_EveryStep):
 class SampleWriter(_EveryStep):
     """Every `every` steps, rank 0 writes `num` seeded samples to samples.jsonl with the engine."""
 
-    def __init__(self, path: Path, every: int, tokenizer, prompt: str, num: int, max_new_tokens: int, seed: int):
+    def __init__(
+        self,
+        path: Path,
+        every: int,
+        tokenizer,
+        prompt: str,
+        num: int,
+        max_new_tokens: int,
+        seed: int,
+        guard: Divergence | None = None,
+    ):
         self.path, self.every, self.tokenizer, self.prompt = path, every, tokenizer, prompt
-        self.num, self.max_new_tokens, self.seed = num, max_new_tokens, seed
+        self.num, self.max_new_tokens, self.seed, self.guard = num, max_new_tokens, seed, guard
 
     def optimizer_step(self, trainer, module, step: int) -> None:
         if step % self.every:
+            return
+        if self.guard is not None and (
+            self.guard.step is not None or not self.guard.weights(trainer, step, module.model)
+        ):
             return
         from ..generation.engine import Engine
         from ..generation.params import SamplingParams

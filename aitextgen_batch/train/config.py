@@ -10,9 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..config import check, check_range
+from ..config import check, check_at_most, check_range, check_seed
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+# Upper bounds of the run's sizes, far beyond any use: each is refused up front with its flag named.
+MAX_WORKERS = 1024
+MAX_THREADS = 1024
+MAX_STEPS = 1_000_000_000
+MAX_BATCH = 65_536
+MAX_TOKENS = 1 << 24  # a block or a sample longer than any model's context
+MAX_KEEP = 1000
+MAX_SAMPLES = 1000
+MAX_FAILURES = 1000
 
 
 @dataclass
@@ -91,17 +100,24 @@ class FinetuneConfig:
         check(self.dataset is not None, "dataset", "is required: a token cache folder (`aitextgen-batch prepare`)")
         check(self.output is not None, "output", "is required: the folder to write the model and checkpoints to")
         check_range("num_workers", self.num_workers, 1)
+        check_at_most("num_workers", self.num_workers, MAX_WORKERS)
         if self.threads is not None:
             check_range("threads", self.threads, 1)
+            check_at_most("threads", self.threads, MAX_THREADS)
         check_range("max_steps", self.max_steps, 1)
+        check_at_most("max_steps", self.max_steps, MAX_STEPS)
         check_range("batch_size", self.batch_size, 1)
+        check_at_most("batch_size", self.batch_size, MAX_BATCH)
         if self.block_size is not None:
             check_range("block_size", self.block_size, 2)
+            check_at_most("block_size", self.block_size, MAX_TOKENS)
         check_range("learning_rate", self.learning_rate, 0.0, lo_open=True)
         check_range("weight_decay", self.weight_decay, 0.0)
         check_range("adam_epsilon", self.adam_epsilon, 0.0, lo_open=True)
         check_range("warmup_steps", self.warmup_steps, 0)
+        check_at_most("warmup_steps", self.warmup_steps, MAX_STEPS)
         check_range("gradient_accumulation", self.gradient_accumulation, 1)
+        check_at_most("gradient_accumulation", self.gradient_accumulation, MAX_BATCH)
         check_range("max_grad_norm", self.max_grad_norm, 0.0)
         check(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}", self.precision)
         check(
@@ -111,10 +127,17 @@ class FinetuneConfig:
             self.precision,
         )
         check_range("freeze_layers", self.freeze_layers, 0)
+        check_at_most("freeze_layers", self.freeze_layers, MAX_STEPS)
         check_range("save_every", self.save_every, 1)
+        check_at_most("save_every", self.save_every, MAX_STEPS)
         check_range("keep_checkpoints", self.keep_checkpoints, 1)
+        check_at_most("keep_checkpoints", self.keep_checkpoints, MAX_KEEP)
         check_range("generate_every", self.generate_every, 0)
+        check_at_most("generate_every", self.generate_every, MAX_STEPS)
         check_range("num_samples", self.num_samples, 1)
+        check_at_most("num_samples", self.num_samples, MAX_SAMPLES)
         check_range("sample_tokens", self.sample_tokens, 1)
-        check_range("seed", self.seed, 0)
+        check_at_most("sample_tokens", self.sample_tokens, MAX_TOKENS)
+        check_seed("seed", self.seed)
         check_range("max_failures", self.max_failures, -1)
+        check_at_most("max_failures", self.max_failures, MAX_FAILURES)

@@ -71,17 +71,29 @@ def write_png(path: Path, img) -> None:
     write_file_atomic(path, png)
 
 
+def _floats(row: dict) -> tuple[float, float, float] | None:
+    """(step, step loss, smoothed loss) of a metrics row, or None when one is missing or not finite."""
+    try:
+        values = tuple(float(row[k]) for k in ("step", "step_loss", "loss"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return values if all(np.isfinite(values)) else None
+
+
 def plot_loss(metrics_csv: Path, png: Path, width: int = 720, height: int = 420) -> bool:
-    """Draw metrics.csv's loss curve into `png`; False when there is nothing to draw."""
+    """Draw metrics.csv's loss curve into `png`; False when there is nothing to draw.
+
+    Rows whose loss is not a finite number (a diverged step, a damaged line) are left out: they have no place on the
+    axis, and the plot is drawn from the others.
+    """
     if not metrics_csv.is_file():
         return False
     with open(metrics_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = [_floats(r) for r in csv.DictReader(f)]
+    rows = [r for r in rows if r is not None]
     if not rows:
         return False
-    step = np.array([float(r["step"]) for r in rows])
-    raw = np.array([float(r["step_loss"]) for r in rows])
-    smooth = np.array([float(r["loss"]) for r in rows])
+    step, raw, smooth = (np.array(column) for column in zip(*rows))
     left, right, top, bottom = 60, 20, 30, 40
     img = np.full((height, width, 3), 255, dtype=np.uint8)
     lo, hi = float(min(raw.min(), smooth.min())), float(max(raw.max(), smooth.max()))

@@ -174,8 +174,10 @@ def publish(step_dir: Path, output: Path) -> None:
 
     config.json goes first out and last in: while files are replaced, `output` does not look like a model.
     """
+    from ..models.fingerprint import weights_digest
     from ..storage import atomic_write
 
+    weights_digest(None, step_dir, finite=True)  # never publish weights holding NaN or infinities (a UserError)
     files = sorted((f for f in step_dir.iterdir() if f.is_file()), key=lambda f: f.name == "config.json")
     (output / "config.json").unlink(missing_ok=True)
     for f in files:

@@ -61,7 +61,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
     from ..models.loading import load_model
-    from .callbacks import Checkpointer, MetricsLog, SampleWriter, append_jsonl, truncate_logs
+    from .callbacks import Checkpointer, Divergence, MetricsLog, SampleWriter, append_jsonl, truncate_logs
     from .datamodule import TokenDataModule
     from .flavor import pl
     from .module import CausalLMModule, freeze
@@ -106,12 +106,14 @@ def train_loop_per_worker(config: dict) -> None:
     )
     data = TokenDataModule(c["dataset"], c["block_size"], c["batch_size"], c["seed"], start_batch=start * k)
     state = state or {}
+    guard = Divergence(output / "events.jsonl", rank == 0)
     metrics = MetricsLog(
         output / "metrics.csv",
         rank == 0,
         state.get("smoothed_loss"),
         state.get("loss_count", 0),
         state.get("tokens", 0),
+        guard,
     )
     callbacks = [
         metrics,
@@ -124,6 +126,7 @@ def train_loop_per_worker(config: dict) -> None:
             _report,
             metrics.state,
             output / "events.jsonl",
+            guard,
         ),
     ]
     if rank == 0 and c["generate_every"]:
@@ -136,6 +139,7 @@ def train_loop_per_worker(config: dict) -> None:
                 c["num_samples"],
                 c["sample_tokens"],
                 c["seed"],
+                guard,
             )
         )
     trainer = pl.Trainer(
