@@ -715,16 +715,24 @@ def test_verify_passes_on_real_output_and_fails_on_tampered(reference, tmp_path,
 
 
 def test_a_job_of_older_engine_arithmetic_is_not_replayed_or_resumed(reference, tiny_model_dir, prompts_dir, tmp_path):
-    """A job written before the engine's arithmetic changed (no prefill rows, no version) cannot be reproduced:
-    verify, replay and a rerun refuse it with the way out, instead of reporting every row as a mismatch."""
-    old = _copy_job(reference, tmp_path / "v1")
-    job = json.loads((old / "_job.json").read_text())
-    assert job["identity"]["engine"]["version"] == 2 and job["identity"]["engine"]["prefill_rows"] >= 2
-    del job["identity"]["engine"]["version"], job["identity"]["engine"]["prefill_rows"]
-    (old / "_job.json").write_text(json.dumps(job))
-    with pytest.raises(UserError, match="version 1 of the engine's arithmetic.*computes version 2"):
-        verify_output(old, sample=5)
-    with pytest.raises(UserError, match="version 1 of the engine's arithmetic"):
-        replay_row(old, "item-00042", 0)
-    with pytest.raises(UserError, match="holds a job made with a different engine.*--overwrite"):
-        generate_dataset(input=str(prompts_dir), output=str(old), model=str(tiny_model_dir), **REF)
+    """A job written before the engine's arithmetic changed cannot be reproduced: verify, replay and a rerun refuse it
+    with the way out, instead of reporting every row as a mismatch. Version 2: full-length eager attention (before
+    grouped, chunked attention); version 1: no prefill rows, no version."""
+    from aitextgen_batch.generation.engine import NUMERICS_VERSION
+
+    for older in (2, 1):
+        old = _copy_job(reference, tmp_path / f"v{older}")
+        job = json.loads((old / "_job.json").read_text())
+        assert job["identity"]["engine"]["version"] == NUMERICS_VERSION == 3
+        assert job["identity"]["engine"]["prefill_rows"] >= 2
+        if older == 1:
+            del job["identity"]["engine"]["version"], job["identity"]["engine"]["prefill_rows"]
+        else:
+            job["identity"]["engine"]["version"] = older
+        (old / "_job.json").write_text(json.dumps(job))
+        with pytest.raises(UserError, match=f"version {older} of the engine's arithmetic.*computes version 3"):
+            verify_output(old, sample=5)
+        with pytest.raises(UserError, match=f"version {older} of the engine's arithmetic"):
+            replay_row(old, "item-00042", 0)
+        with pytest.raises(UserError, match="holds a job made with a different engine.*--overwrite"):
+            generate_dataset(input=str(prompts_dir), output=str(old), model=str(tiny_model_dir), **REF)

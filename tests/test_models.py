@@ -250,7 +250,7 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_model_dir, tokenizer
 
     from aitextgen_batch.batch.api import generate_dataset
     from aitextgen_batch.cli import main
-    from aitextgen_batch.models.loading import DEFAULT_MODEL
+    from aitextgen_batch.models.default import SMALL_MODEL as DEFAULT_MODEL
 
     bundled = str(DEFAULT_MODEL)  # 5,000 tokens; the test tokenizer has far fewer, with other ids
     argv = ["replay", "--model", bundled, "--tokenizer", str(tokenizer_dir), "--prompt", "The", "--seed", "1"]
