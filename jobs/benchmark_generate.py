@@ -16,6 +16,9 @@ apart), and counts each row's generated tokens up to and including its eos. Work
 - early finish (a generous max_new_tokens): the 32 questions x `--copies`, "answer in one short sentence", the same
   sampling, at max_new_tokens 64 and 1,024: most rows end at eos long before either limit. The engine at 1,024
   against itself at 64, and against HF batched at both.
+- constrained (`--constrained`): 256 requests for a JSON object `{"question", "answer", "difficulty"}` about 32
+  topics, temperature 0.7, at most 96 tokens: the engine with the JSON Schema (llguidance masks each step's logits)
+  against the same rows unconstrained, and the share of rows that end valid.
 - toy (`--toy`): pydoc-gpt2 (GPT-2 4 x 256, vocabulary 5,000) with stop "\\n\\n" and 192 new tokens on the bundled
   sample prompts, and a random `small` preset held to exactly 64 new tokens: the workloads earlier releases were
   measured on (no-regression targets: engine/hf_batched >= 1.0, refill/no_refill >= 1.2).
@@ -122,7 +125,7 @@ def engine_row(engine, prompts, w: dict, label: str, refill: bool = True):
     """Time the engine on `prompts`, and check three rows replayed alone give the same text."""
     from aitextgen_batch.generation import SamplingParams, derive_seed
 
-    keys = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "stop")
+    keys = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "stop", "json_schema")
     params = SamplingParams(**{k: w[k] for k in keys if k in w})
     seeds = [derive_seed(0, i) for i in range(len(prompts))]
     engine.refill = refill
@@ -223,6 +226,62 @@ def early_workload(args, folder, tok, threads: int) -> dict[str, float]:
     return rate
 
 
+QUIZ_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "question": {"type": "string"},
+        "answer": {"type": "string"},
+        "difficulty": {"enum": ["easy", "medium", "hard"]},
+    },
+    "required": ["question", "answer", "difficulty"],
+    "additionalProperties": False,
+}
+QUIZ_TOPICS = (
+    "the moon, bees, rain, volcanoes, the ocean, trees, music, bread, rivers, deserts, the sun, cats, chess, glass, "
+    "clouds, maps, salt, bridges, honey, snow, coffee, paper, stars, wolves, rice, wind, gold, ice, birds, bicycles, "
+    "tea, mountains"
+).split(", ")
+
+
+def constrained_workload(args, folder, tok, threads: int) -> tuple[float, float]:
+    """(constrained/unconstrained tokens per second, share of constrained rows that are valid)."""
+    import json
+
+    import torch
+
+    from aitextgen_batch.generation import Engine
+
+    torch.set_num_threads(threads)
+    one = [
+        tok.apply_chat_template(
+            [
+                {
+                    "role": "user",
+                    "content": f"Write one quiz question about {t} with its answer and difficulty, as JSON.",
+                }
+            ],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for t in QUIZ_TOPICS
+    ]
+    prompts = one * 8
+    engine = Engine.from_pretrained(str(folder), device=args.device, dtype=args.dtype, slots=args.slots)
+    w = dict(max_new_tokens=96, temperature=0.7, top_k=50)
+    rows = []
+    row, _, _ = engine_row(engine, prompts, w, f"engine, {engine.slots} slots, unconstrained")
+    rows.append(row)
+    row, solo, results = engine_row(
+        engine, prompts, {**w, "json_schema": json.dumps(QUIZ_SCHEMA)}, f"engine, {engine.slots} slots, JSON Schema"
+    )
+    rows.append(row)
+    rate = table(f"constrained: {len(prompts)} JSON requests, device {args.device}, {threads} thread(s)", rows)
+    valid = sum(bool(r.valid) for r in results) / len(results)
+    ended = sum(r.finish_reason == "eos" for r in results)
+    print(f"JSON rows valid: {valid:.0%} ({ended} ended at eos); replayed alone byte-identical: {solo}")
+    return rate[rows[1][0]] / rate[rows[0][0]], valid
+
+
 def toy_workloads(args, threads: int) -> tuple[float, float]:
     """The workloads earlier releases were measured on: (engine/hf_batched, refill/no_refill)."""
     import pyarrow.parquet as pq
@@ -272,6 +331,8 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true", help="add HF static cache + torch.compile (slow to compile)")
     ap.add_argument("--skip-early", action="store_true", help="skip the early-finish workload")
     ap.add_argument("--toy", action="store_true", help="add the pydoc-gpt2 and preset workloads")
+    ap.add_argument("--constrained", action="store_true", help="add the structured-output (JSON Schema) workload")
+    ap.add_argument("--only-constrained", action="store_true", help="run the structured-output workload alone")
     args = ap.parse_args()
 
     from aitextgen_batch.models.loading import default_dtype_name, load_tokenizer, quiet_transformers, resolve_source
@@ -282,7 +343,7 @@ def main() -> None:
     tok = load_tokenizer(folder)
     print(f"model {folder}, device {args.device}, dtype {args.dtype}, load {os.getloadavg()[0]:.2f} at start")
     summary = []
-    for threads in args.threads:
+    for threads in args.threads if not args.only_constrained else []:
         chat = chat_workload(args, folder, tok, threads)
         summary.append(f"chat {threads} thread(s): engine/hf_batched={best(chat, 'engine') / best(chat, 'HF'):.2f}")
         if not args.skip_early:
@@ -293,6 +354,11 @@ def main() -> None:
                 f"early {threads} thread(s): engine@1024/engine@64={eng[1024] / eng[64]:.2f} "
                 f"engine/hf_batched@64={eng[64] / hf[64]:.2f} engine/hf_batched@1024={eng[1024] / hf[1024]:.2f}"
             )
+    if args.constrained or args.only_constrained:
+        ratio, valid = constrained_workload(args, folder, tok, max(args.threads))
+        summary.append(
+            f"constrained {max(args.threads)} thread(s): constrained/unconstrained={ratio:.2f} valid={valid:.0%}"
+        )
     if args.toy:
         fixed, refill = toy_workloads(args, max(args.threads))
         summary.append(f"toy: engine/hf_batched={fixed:.2f} refill/no_refill={refill:.2f}")

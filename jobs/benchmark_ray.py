@@ -8,6 +8,12 @@ small model pydoc-gpt2: GPT-2 4 layers x 256, vocabulary 5,000) and the same pro
 (2 threads); the Ray job with 1 actor x 2 threads (same cores); 1 actor x 1 thread vs 2 actors x 1 thread;
 peak RSS of the driver and of each actor for N and 10 N prompts. Targets: Ray >= 0.85x in-process,
 2 actors >= 1.8x 1 actor, RSS ratio (10 N / N) < 1.2.
+
+    python jobs/benchmark_ray.py --small-shards   # the default model, 128 chat requests in shards of 16 rows
+
+`--small-shards`: shards smaller than an actor's slots (16 rows on 64 slots) on the default model: the Ray job
+(1 actor x 2 threads) against the same job `--in-process` (2 threads), both through the job layer, model load
+included. Target: Ray >= 0.8x in-process (an actor runs small shards together: `runner.take_group`).
 """
 
 from __future__ import annotations
@@ -80,12 +86,22 @@ def child(args) -> None:
 
     from aitextgen_batch.batch.api import generate_dataset
 
+    if args.mode == "small-shards-here":
+        t0 = time.perf_counter()
+        s = generate_dataset(**_small_shard_job(work, Path(tempfile.mkdtemp(dir=work)) / "out"), in_process=True)
+        print(json.dumps({"tokens": s["tokens"], "seconds": time.perf_counter() - t0}))
+        return
+
     ray.init(address="local", num_cpus=2, logging_level="ERROR")  # never a head another run started
     stop, peak = threading.Event(), {}
     sampler = threading.Thread(target=_actor_rss_sampler, args=(stop, peak), daemon=True)
     sampler.start()
     out = Path(tempfile.mkdtemp(dir=work)) / "out"
     t0 = time.perf_counter()
+    if args.mode == "small-shards-ray":
+        s = generate_dataset(**_small_shard_job(work, out), num_actors=1)
+        print(json.dumps({"tokens": s["tokens"], "seconds": time.perf_counter() - t0}))
+        return
     s = generate_dataset(
         input=str(prompts),
         output=str(out),
@@ -110,6 +126,20 @@ def child(args) -> None:
             }
         )
     )
+
+
+def _small_shard_job(work: Path, out: Path) -> dict:
+    """128 chat requests (the 64 samples twice) on the default model, in shards of 16 rows, 2 threads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from aitextgen_batch.samples import chat_samples
+
+    path = work / "chat.parquet"
+    if not path.exists():
+        rows = chat_samples() * 2
+        pq.write_table(pa.table({"id": list(range(len(rows))), "prompt": [r["content"] for r in rows]}), path)
+    return dict(input=str(path), output=str(out), chat=True, max_new_tokens=64, shard_rows=16, threads=2, quiet=True)
 
 
 def _self_rss() -> int:
@@ -150,9 +180,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int)
     ap.add_argument("--actors", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--small-shards", action="store_true", help="the default model in shards of 16 rows")
     args = ap.parse_args()
     if args.child:
         child(args)
+        return
+    if args.small_shards:
+        with tempfile.TemporaryDirectory() as d:
+            here = run(Path(d), "small-shards-here", 0, 0)
+            ray_job = run(Path(d), "small-shards-ray", 0, 0)
+        print("\n128 chat requests, default model, --shard-rows 16, 64 slots, 2 threads (times include model load)")
+        for name, r in (("job --in-process", here), ("Ray job, 1 actor x 2 threads", ray_job)):
+            print(f"{name:<32} {r['tokens']:>8} {r['seconds']:>8.2f} {r['tokens'] / r['seconds']:>8.1f} tok/s")
+        print(f"\nray/inprocess={ray_job['tokens'] / ray_job['seconds'] / (here['tokens'] / here['seconds']):.2f}")
         return
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)

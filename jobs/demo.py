@@ -6,7 +6,8 @@ params (questions cold, instructions hot, rewrites in between), log-probabilitie
 is SmolLM2-135M-Instruct (a 4-bit GGUF from a pinned wheel, converted once by `make model`), with its own chat
 template. Then: the job's summary, answers of each kind, how many questions were answered correctly (the reply
 contains the answer), the rows filtered by mean log-probability, one row replayed alone byte for byte, and `verify`
-re-generating a random sample.
+re-generating a random sample. Last, structured output: for each of 32 topics a JSON object
+`{"question", "answer", "difficulty"}` under a JSON Schema (`--json-schema`), and the share of valid rows.
 """
 
 from __future__ import annotations
@@ -43,6 +44,59 @@ def write_requests(path: Path) -> list[dict]:
             messages = [{"role": "user", "content": r["content"]}]
             f.write(json.dumps({"id": r["id"], "messages": messages, "params": PARAMS[r["kind"]]}) + "\n")
     return rows
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "question": {"type": "string"},
+        "answer": {"type": "string"},
+        "difficulty": {"enum": ["easy", "medium", "hard"]},
+    },
+    "required": ["question", "answer", "difficulty"],
+    "additionalProperties": False,
+}
+TOPICS = (
+    "the moon, bees, rain, volcanoes, the ocean, trees, music, bread, rivers, deserts, the sun, cats, chess, glass, "
+    "clouds, maps, salt, bridges, honey, snow, coffee, paper, stars, wolves, rice, wind, gold, ice, birds, bicycles, "
+    "tea, mountains"
+).split(", ")
+
+
+def json_job() -> None:
+    """Structured output: one JSON object per topic, constrained by a JSON Schema; the share of valid rows."""
+    import pandas as pd
+
+    requests = OUT / "topics.jsonl"
+    with open(requests, "w") as f:
+        for i, topic in enumerate(TOPICS):
+            prompt = f"Write a quiz question about {topic}, with its answer and difficulty, as a JSON object."
+            f.write(json.dumps({"id": f"topic-{i:02d}", "prompt": prompt}) + "\n")
+    (OUT / "quiz.schema.json").write_text(json.dumps(SCHEMA, indent=1))
+    out = OUT / "quiz"
+    step(
+        [
+            "generate",
+            "--input",
+            str(requests),
+            "--output",
+            str(out),
+            "--chat",
+            "--json-schema",
+            str(OUT / "quiz.schema.json"),
+            "--max-new-tokens",
+            "96",
+            "--num-actors",
+            "2",
+            "--shard-rows",
+            "16",
+            "--overwrite",
+        ]
+    )
+    df = pd.read_parquet(out).sort_values("id")
+    print(f"\nJSON rows valid (parsed and checked against the schema): {int(df.valid.sum())} of {len(df)}")
+    for r in df.head(3).itertuples():
+        print(f"  [{r.id}] {r.text}")
 
 
 if __name__ == "__main__":
@@ -101,4 +155,5 @@ if __name__ == "__main__":
 
     step(["replay", "--output", str(out), "--id", ok.index[0]])
     step(["verify", "--output", str(out), "--sample", "8"])
+    json_job()
     print(f"\ndemo finished in {time.time() - t0:.0f} s")

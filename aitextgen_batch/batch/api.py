@@ -80,7 +80,7 @@ class GenerateConfig:
     )
     seed: int = field(default=0, metadata={"help": "job seed from which per-item seeds derive, >= 0"})
     shard_rows: int = field(default=1000, metadata={"help": "input rows per shard, >= 1"})
-    batch_size: int = field(default=256, metadata={"help": "items scheduled together in an actor, >= 1"})
+    batch_size: int = field(default=256, metadata={"help": "prompts an actor tokenizes together, >= 1 (speed only)"})
     num_actors: int | None = field(default=None, metadata={"help": "default: one per GPU, else one per CPU"})
     gpus_per_actor: float | None = field(default=None, metadata={"help": "default 1 when the cluster has GPUs"})
     address: str | None = field(
@@ -345,6 +345,9 @@ def check_job(cfg: GenerateConfig) -> CheckedJob:
         room = room_error(cfg.sampling.max_new_tokens, facts.context_length)
         if room:
             raise UserError(room)
+        from ..generation.constraints import check_constraint
+
+        check_constraint(cfg.sampling, facts.tokenizer)
     except BaseException:
         checked.cleanup()
         raise

@@ -54,13 +54,13 @@ class GenerationWorker:
         """Answered once the engine is loaded: the scheduler hands shards only to actors that answered."""
         return self.engine.fingerprint
 
-    def run(self, job: JobSpec, shard_index: int, batch_size: int) -> DoneRecord:
-        return _run_checked(self.engine, job, shard_index, batch_size)
+    def run(self, job: JobSpec, shards: list[int], batch_size: int) -> list:
+        return _run_checked(self.engine, job, shards, batch_size)
 
 
-def _run_checked(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRecord:
-    """`run_shard`, once the engine is known to hold the job's model."""
-    from .shard import run_shard
+def _run_checked(engine, job: JobSpec, shards: list[int], batch_size: int) -> list:
+    """`run_shards`, once the engine is known to hold the job's model."""
+    from .shard import run_shards
 
     want = job.identity.model_fingerprint
     if engine.fingerprint != want:
@@ -68,7 +68,75 @@ def _run_checked(engine, job: JobSpec, shard_index: int, batch_size: int) -> Don
             f"model fingerprint {engine.fingerprint} on this worker differs from the "
             f"job's {want}: the model files differ between nodes"
         )
-    return run_shard(engine, job, shard_index, batch_size)
+    return run_shards(engine, job, shards, batch_size)
+
+
+# Shards given to an actor at once when they are small: until their items fill the slots this many times over.
+GROUP_FILL = 2
+MAX_GROUP = 64
+
+
+class ShardQueue:
+    """The shards left to run, how they are grouped, and what happens when one fails: written once for the Ray
+    scheduler and the in-process runner.
+
+    A group is one shard, or as many small ones as fill an actor's slots `GROUP_FILL` times (a shard of 16 rows on 64
+    slots would leave three quarters of every decode step empty), but no more than a fair share of what is queued among
+    the actors (a small job still runs on every actor), and at most `MAX_GROUP` shards. A shard that failed is retried
+    alone, until it has failed `max_attempts` times; when a whole group fails (its engine call raised, its actor
+    died), its shards are retried alone without counting that attempt against any one of them.
+    """
+
+    def __init__(self, job: JobSpec, pending: list[int], max_attempts: int, on_done, on_fail, stats: RunStats):
+        self.job, self.queue = job, deque(pending)
+        self.max_attempts, self.on_done, self.on_fail, self.stats = max_attempts, on_done, on_fail, stats
+        self.attempts: dict[int, int] = {}
+        self.solo: set[int] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.queue)
+
+    def take(self, actors: int = 1) -> list[int]:
+        per_row = self.job.identity.sampling.get("num_return_sequences", 1)
+        queued = sum(self.job.shards[s].rows for s in self.queue) * per_row
+        want = min(GROUP_FILL * self.job.identity.engine.slots, -(-queued // max(1, actors)))
+        group, items = [], 0
+        while self.queue and len(group) < MAX_GROUP and (not group or items < want):
+            if group and self.queue[0] in self.solo:
+                break
+            s = self.queue.popleft()
+            group.append(s)
+            items += self.job.shards[s].rows * per_row
+            if s in self.solo:
+                break
+        return group
+
+    def finished(self, outcomes: list) -> None:
+        """Record a group's outcomes: done records, or a shard's own failure."""
+        from .shard import ShardFailure
+
+        for outcome in outcomes:
+            if isinstance(outcome, ShardFailure):
+                self.failed(outcome.shard, outcome.error)
+            else:
+                self.on_done(outcome)
+
+    def failed(self, shard: int, error: str) -> None:
+        self.attempts[shard] = self.attempts.get(shard, 0) + 1
+        if self.attempts[shard] >= self.max_attempts:
+            self.on_fail(shard, f"failed {self.attempts[shard]} times; last error: {error}")
+        else:
+            self.stats.retries += 1
+            self.solo.add(shard)
+            self.queue.appendleft(shard)
+
+    def group_failed(self, group: list[int], error: str) -> None:
+        if len(group) == 1:
+            self.failed(group[0], error)
+            return
+        for s in reversed(group):
+            self.solo.add(s)
+            self.queue.appendleft(s)
 
 
 def start_actors(
@@ -143,12 +211,11 @@ def run_shards(
 
     note = on_note or (lambda message: None)
     job_ref = ray.put(job)
-    queue = deque(pending)
+    stats = RunStats()
+    queue = ShardQueue(job, pending, max_attempts, on_done, on_fail, stats)
     starting = {actors[a].ready.remote(): a for a in range(len(actors))}
     idle: deque[int] = deque()
     inflight: dict = {}
-    attempts: dict[int, int] = {}
-    stats = RunStats()
     dead: dict[int, str] = {}
     restarting: dict[int, float] = {}  # actor -> when its process died (or its start was interrupted)
     ask_again: dict[int, float] = {}  # restarting actor -> when to ask `ready` again
@@ -156,8 +223,8 @@ def run_shards(
     since = time.monotonic()
     while queue or inflight:
         while idle and queue:
-            a, s = idle.popleft(), queue.popleft()
-            inflight[actors[a].run.remote(job_ref, s, batch_size)] = (a, s)
+            a, group = idle.popleft(), queue.take(len(actors) - len(dead))
+            inflight[actors[a].run.remote(job_ref, group, batch_size)] = (a, group)
         now = time.monotonic()
         for a, at in list(ask_again.items()):
             if now >= at:
@@ -170,7 +237,7 @@ def run_shards(
                 "(see --num-actors, --gpus-per-actor)"
             )
             while queue:
-                on_fail(queue.popleft(), f"no actor to run it: {reason}")
+                on_fail(queue.queue.popleft(), f"no actor to run it: {reason}")
             break
         refs = [*inflight, *starting]
         if refs:
@@ -206,9 +273,9 @@ def run_shards(
                 if a in restarting:
                     note(f"actor {a} is back after {time.monotonic() - restarting.pop(a):.1f} s and takes shards again")
                 continue
-            a, s = inflight.pop(ref)
+            a, group = inflight.pop(ref)
             try:
-                on_done(ray.get(ref))
+                queue.finished(ray.get(ref))
                 idle.append(a)
                 continue
             except RayActorError as exc:  # the process died (killed, OOM, ...): Ray restarts it
@@ -216,20 +283,16 @@ def run_shards(
                 restarting[a] = time.monotonic()
                 starting[actors[a].ready.remote()] = a  # work again once it is back
                 error = f"actor died while generating: {_first_line(exc)}"
+                shards = ", ".join(map(str, group))
                 note(
-                    f"actor {a} died while generating shard {s} ({_first_line(exc)[:120]}); Ray is restarting it "
-                    f"(waiting up to {restart_timeout:.0f} s for it); the shard is retried unless it failed "
+                    f"actor {a} died while generating shard(s) {shards} ({_first_line(exc)[:120]}); Ray is restarting "
+                    f"it (waiting up to {restart_timeout:.0f} s for it); each shard is retried unless it failed "
                     "--max-shard-attempts times"
                 )
             except RayTaskError as exc:
                 idle.append(a)
                 error = _first_line(exc.cause if getattr(exc, "cause", None) else exc)
-            attempts[s] = attempts.get(s, 0) + 1
-            if attempts[s] >= max_attempts:
-                on_fail(s, f"failed {attempts[s]} times; last error: {error}")
-            else:
-                stats.retries += 1
-                queue.appendleft(s)
+            queue.group_failed(group, error)
     return stats
 
 
@@ -244,30 +307,27 @@ def run_shards_here(
     on_done: Callable[[DoneRecord], None],
     on_fail: Callable[[int, str], None],
 ) -> RunStats:
-    """`run_shards` without Ray (`--in-process`): this process loads the engine and runs the shards one by one, with
-    the same retries. torch's thread count is set to the job's for the run (it is part of a CPU job's numerics) and
-    restored after."""
+    """`run_shards` without Ray (`--in-process`): this process loads the engine and runs the shards one group after
+    another (`take_group`), with the same retries. torch's thread count is set to the job's for the run (it is part of
+    a CPU job's numerics) and restored after."""
     from ..models.loading import torch_threads
 
     stats = RunStats()
     with torch_threads(threads):
         engine = _build_engine(engine_options)
         stats.actors_started = 1
-        for s in pending:
-            for attempt in range(1, max_attempts + 1):
-                try:
-                    record = _run_checked(engine, job, s, batch_size)
-                # A shard's own failure (an unreadable file, a damaged page, ...), whatever its type, as a Ray task
-                # error would be: retried, then the shard is failed with the cause in the message (rows' own errors
-                # never get here, they are error rows). Ctrl-C (not an Exception) still stops the run.
-                except Exception as exc:
-                    if attempt == max_attempts:
-                        on_fail(s, f"failed {attempt} times; last error: {_first_line(exc)}")
-                    else:
-                        stats.retries += 1
-                    continue
-                on_done(record)
-                break
+        queue = ShardQueue(job, pending, max_attempts, on_done, on_fail, stats)
+        while queue:
+            group = queue.take()
+            try:
+                outcomes = _run_checked(engine, job, group, batch_size)
+            # A group's failure (the engine raised), whatever its type, as a Ray task error would be: its shards are
+            # retried, then failed with the cause in the message (rows' own errors never get here, they are error
+            # rows; a shard's own input or output failure is its `ShardFailure`). Ctrl-C (not an Exception) stops.
+            except Exception as exc:
+                queue.group_failed(group, _first_line(exc))
+                continue
+            queue.finished(outcomes)
     return stats
 
 

@@ -1,7 +1,7 @@
 """Generate one shard: read its rows, generate, write `part-NNNNN.parquet` atomically, record it as done.
 
 This is the whole per-shard job and it runs without Ray: the Ray actor only loads the engine once and
-calls `run_shard` for each shard it pulls.
+calls `run_shards` for each group of shards it pulls (one shard, or several small ones together).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..config import to_dict, unicode_error
 from ..generation.seeds import SEED_MAX, derive_seed, sample_seed
 from ..storage import Location, open_parquet
 from .manifest import DoneRecord, JobSpec, ShardPlan, part_name, write_done
-from .rows import prepare_rows
+from .rows import RowWork, prepare_rows
 
 BASE_FIELDS = [
     ("sample_index", "int32"),
@@ -29,6 +29,7 @@ BASE_FIELDS = [
     ("num_generated_tokens", "int32"),
     ("finish_reason", "string"),
     ("error", "string"),
+    ("valid", "bool_"),  # structured output: the text satisfies the row's constraint (null without one)
 ]
 PARAMS_FIELD = "params"  # with --params-column: each row's effective SamplingParams, as JSON
 LOGPROB_FIELDS = ["cumulative_logprob"]  # with --logprobs
@@ -109,27 +110,28 @@ def read_rows(job: JobSpec, shard: ShardPlan) -> ShardRows:
     return ShardRows(table, ids, origins)
 
 
-def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRecord:
-    """Generate shard `shard_index` of `job` and record it as done; returns the completion record."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
+@dataclass
+class _Prepared:
+    """A shard read and turned into work items: one per (row, sample), each with its own seed."""
 
-    t0 = time.perf_counter()
-    out = Location(job.output)
-    shard = job.shards[shard_index]
-    ident = job.identity
-    cols = ident.columns
-    job_k = ident.sampling["num_return_sequences"]
-    rows = read_rows(job, shard)
+    index: int
+    rows: ShardRows
+    work: RowWork
+    items: list[tuple[int, int, int]]  # (row, sample index, seed)
+    errors: dict[int, str]  # item -> its row's error (not generated)
+    single: list  # each row's params for one sample (None for a row with invalid params)
+
+
+def _prepare(engine, job: JobSpec, shard_index: int) -> _Prepared:
+    cols = job.identity.columns
+    job_k = job.identity.sampling["num_return_sequences"]
+    rows = read_rows(job, job.shards[shard_index])
     work = prepare_rows(job, rows.table, rows.origins, engine.tokenizer)
     seeds_col = rows.table.column(cols.seed).to_pylist() if cols.seed else None
-    n = shard.rows
-
     # One work item per (row, sample): each has its own seed, so no sample depends on another. A row makes as many
     # samples as its own params ask for (the job's when its params are invalid).
     items, errors = [], {}
-    for r in range(n):
+    for r in range(job.shards[shard_index].rows):
         err = work.errors.get(r)
         col_seed = seeds_col[r] if seeds_col is not None else None
         if err is None and seeds_col is not None and (col_seed is None or not 0 <= col_seed <= SEED_MAX):
@@ -139,27 +141,89 @@ def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRe
             if seeds_col is not None:
                 seed = sample_seed(col_seed, k) if err is None else 0
             else:
-                seed = derive_seed(ident.job_seed, rows.ids[r], k)
+                seed = derive_seed(job.identity.job_seed, rows.ids[r], k)
             if err is not None:
                 errors[len(items)] = err
             items.append((r, k, seed))
     single = [p and dataclasses.replace(p, num_return_sequences=1) for p in work.params]  # one sample per item
-    todo = [i for i in range(len(items)) if i not in errors]
+    return _Prepared(shard_index, rows, work, items, errors, single)
+
+
+def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRecord:
+    """Generate shard `shard_index` of `job` and record it as done; returns the completion record.
+
+    Raises:
+        RuntimeError: the shard failed (its input could not be read, its file not written).
+    """
+    (outcome,) = run_shards(engine, job, [shard_index], batch_size)
+    if isinstance(outcome, ShardFailure):
+        raise RuntimeError(outcome.error)
+    return outcome
+
+
+@dataclass
+class ShardFailure:
+    """A shard of a group that failed on its own (its input could not be read, its file not written)."""
+
+    shard: int
+    error: str
+
+
+def run_shards(engine, job: JobSpec, shard_indices: list[int], batch_size: int) -> list[DoneRecord | ShardFailure]:
+    """Generate several shards of `job` in one engine call, then write and record each as done (one outcome each).
+
+    The engine keeps its slots full across the shards' items (shards smaller than the slots would leave most of
+    every decode step empty), and no item's text depends on which items run beside it. A shard whose input cannot be
+    read, or whose file cannot be written, fails alone (`ShardFailure`); only an engine failure fails the call. Each
+    shard's `seconds` is the call's time, shared out by the shard's items.
+    """
+    t0 = time.perf_counter()
+    shards, outcomes = [], {}
+    for s in shard_indices:
+        try:
+            shards.append(_prepare(engine, job, s))
+        except Exception as exc:  # this shard's own input: the others run
+            outcomes[s] = ShardFailure(s, _first_line(exc))
+    todo = [(sh, i) for sh in shards for i in range(len(sh.items)) if i not in sh.errors]
     results = engine.generate(
-        [work.prompts[items[i][0]] for i in todo],
-        [items[i][2] for i in todo],
-        [single[items[i][0]] for i in todo],
+        [sh.work.prompts[sh.items[i][0]] for sh, i in todo],
+        [sh.items[i][2] for sh, i in todo],
+        [sh.single[sh.items[i][0]] for sh, i in todo],
         batch_size,
     )
-    by_item = dict(zip(todo, results, strict=True))
+    by_item: dict[tuple[int, int], object] = {(sh.index, i): r for (sh, i), r in zip(todo, results, strict=True)}
+    seconds = time.perf_counter() - t0
+    total = max(1, sum(len(sh.items) for sh in shards))
+    for sh in shards:
+        try:
+            outcomes[sh.index] = _write(job, sh, by_item, seconds * max(1, len(sh.items)) / total)
+        except Exception as exc:
+            outcomes[sh.index] = ShardFailure(sh.index, _first_line(exc))
+    return [outcomes[s] for s in shard_indices]
 
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:500]
+
+
+def _write(job: JobSpec, sh: _Prepared, by_item: dict, seconds: float) -> DoneRecord:
+    """Write a shard's part file (atomically) and its done record."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    out = Location(job.output)
+    ident = job.identity
+    cols = ident.columns
+    rows, work, items, errors = sh.rows, sh.work, sh.items, sh.errors
     extra = optional_fields(bool(cols.params), ident.logprobs, ident.return_tokens)
     data: dict[str, list] = {name: [] for name in ["id"] + [f for f, _ in BASE_FIELDS] + extra}
     tokens = n_err = 0
     first_error = None
     params_json: dict[int, str] = {}
     for i, (r, k, seed) in enumerate(items):
-        res = by_item.get(i)
+        res = by_item.get((sh.index, i))
         prompt = work.prompts[r]
         data["id"].append(rows.ids[r])
         data["sample_index"].append(k)
@@ -179,6 +243,7 @@ def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRe
             data["num_generated_tokens"].append(0)
             data["finish_reason"].append("error")
             data["error"].append(_text(message))
+            data["valid"].append(None)
             for name in LOGPROB_FIELDS + TOKEN_FIELDS:
                 if name in data:
                     data[name].append(None)
@@ -189,6 +254,7 @@ def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRe
             data["num_generated_tokens"].append(res.num_generated_tokens)
             data["finish_reason"].append(res.finish_reason)
             data["error"].append(None)
+            data["valid"].append(res.valid)
             for name, value in logprob_values(res).items():
                 if name in data:
                     data[name].append(value)
@@ -201,15 +267,15 @@ def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRe
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     blob = sink.getvalue().to_pybytes()
-    out.write_bytes(blob, part_name(shard_index))
+    out.write_bytes(blob, part_name(sh.index))
     record = DoneRecord(
-        shard=shard_index,
-        file=part_name(shard_index),
-        rows_in=n,
+        shard=sh.index,
+        file=part_name(sh.index),
+        rows_in=job.shards[sh.index].rows,
         rows_out=table.num_rows,
         tokens=tokens,
         errors=n_err,
-        seconds=round(time.perf_counter() - t0, 3),
+        seconds=round(seconds, 3),
         host=socket.gethostname(),
         pid=os.getpid(),
         bytes=len(blob),

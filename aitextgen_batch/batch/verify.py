@@ -86,6 +86,7 @@ def same(row: dict, res) -> bool:
         row["text"].encode() == res.text.encode()
         and row["finish_reason"] == res.finish_reason
         and row["num_generated_tokens"] == res.num_generated_tokens
+        and row.get("valid", res.valid) == res.valid
     ):
         return False
     got = logprob_values(res)

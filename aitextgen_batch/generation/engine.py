@@ -4,7 +4,7 @@ Why the text cannot depend on the rest of the batch (each point was measured to 
 - Shapes: the model only ever runs on fixed shapes, because a matmul's row results change with its row
   count (1, 2-3, 4-6 and >= 7 rows took different kernels). A prefill is (`prefill_rows`, bucket) and a
   decode step is (`slots`, 1) over a cache of `cache_length(bucket, max_new_tokens)` positions; unused
-  rows are dummies. `batch_size` only decides how many items are scheduled together.
+  rows are dummies.
 - Layout: a prompt is left-padded to a bucket that depends on its own length, and token `s` of an item
   always sits at cache index `bucket + s` (`kvcache.SlotCache` writes each row at its own position),
   so an item's attention runs over the same keys at the same places whenever and wherever it starts.
@@ -64,6 +64,9 @@ class GenerationResult:
     # `token_logprobs`, `num_generated_tokens` of them. The text decodes them without that final token.
     token_ids: list[int] = field(default_factory=list)
     attempts: int = 1
+    # Structured output: whether the text satisfies the row's constraint (None without one; False unless it ended at
+    # eos), checked on the text itself (`constraints.is_valid`).
+    valid: bool | None = None
     # The model's log-softmax (before temperature, top-k, top-p or penalties) of each generated token, eos
     # included (so there are `num_generated_tokens` of them), and their sum.
     token_logprobs: list[float] = field(default_factory=list)
@@ -77,6 +80,7 @@ class _Work:
     bucket: int
     params: SamplingParams
     matcher: StopMatcher | None
+    grammar: str | None = None  # the compiled structured-output constraint (llguidance), if any
     attempt: int = 0
     checked: int = 0  # leading tokens known to hold no stop string
 
@@ -165,6 +169,7 @@ class Engine:
         self.source = source
         self._folder = folder
         self._fingerprint: str | None = None
+        self._grammar_cache = None
         cfg = model.config
         self.context_length = context_length(cfg)
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -244,6 +249,15 @@ class Engine:
         )
 
     @property
+    def _grammars(self):
+        """The structured-output compiler for this tokenizer (built on first use: about 0.4 s)."""
+        if self._grammar_cache is None:
+            from .constraints import Grammars
+
+            self._grammar_cache = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+        return self._grammar_cache
+
+    @property
     def fingerprint(self) -> str:
         """The model fingerprint (weights, config, tokenizer), computed once."""
         if self._fingerprint is None:
@@ -304,7 +318,8 @@ class Engine:
             seeds: one seed per prompt; default `derive_seed(0, index)`.
             params: sampling parameters: one for every prompt (default `SamplingParams()`), or one per prompt.
                 A row's text depends on its own params only, whatever its neighbours use.
-            batch_size: items scheduled together (grouped by cache length). It never changes any text.
+            batch_size: prompts tokenized together. It changes no text, and no slot waits for it: every item of the
+                call is queued at once and slots are refilled across the whole call.
             on_progress: called with (results finished, tokens generated) whenever results finish.
         """
         from .slots import no_grad
@@ -322,7 +337,12 @@ class Engine:
         matchers: dict[tuple, StopMatcher] = {}
         results: list[GenerationResult] = []
         work: list[_Work] = []
-        for i, ((ids, err), seed, p) in enumerate(zip(self._encode(prompts, params), seeds, params, strict=True)):
+        encoded = [
+            e
+            for start in range(0, len(prompts), batch_size)
+            for e in self._encode(prompts[start : start + batch_size], params[start : start + batch_size])
+        ]
+        for i, ((ids, err), seed, p) in enumerate(zip(encoded, seeds, params, strict=True)):
             matcher = None
             if p.stop:
                 key = (tuple(p.stop), p.skip_special_tokens)
@@ -332,16 +352,19 @@ class Engine:
             for k in range(p.num_return_sequences):
                 r = GenerationResult(i, k, sample_seed(int(seed), k))
                 results.append(r)
+                grammar = None
+                if err is None and p.constraint is not None:
+                    grammar, err = self._grammars.compile(*p.constraint)
                 if err is not None:
                     r.error, r.finish_reason, r.attempts = err, "error", 0
                 else:
                     r.num_prompt_tokens = len(ids)
                     bucket = bucket_length(len(ids), self.context_length - p.max_new_tokens)
-                    work.append(_Work(r, ids, bucket, p, matcher))
+                    work.append(_Work(r, ids, bucket, p, matcher, grammar))
         progress = _Progress(len(results) - len(work), on_progress)
-        with no_grad():
-            for start in range(0, len(work), batch_size):
-                self._run(work[start : start + batch_size], progress)
+        if work:
+            with no_grad():
+                self._run(work, progress)
         return results
 
     def _run(self, work: list[_Work], progress: _Progress) -> None:
@@ -439,7 +462,8 @@ class Engine:
                     w, slot = queue.popleft(), free.pop()
                     active[slot] = w
                     key = stream_key(w.result.seed, w.attempt)
-                    batch.append((slot, Admission(w.prompt_ids, w.bucket, key, w.params)))
+                    grammar = self._grammars.matcher(w.grammar) if w.grammar else None
+                    batch.append((slot, Admission(w.prompt_ids, w.bucket, key, w.params, grammar)))
                 dec.admit(batch)
                 self.stats["refills" if len(active) > len(batch) else "admissions"] += len(batch)
             dec.steps(self.check_every)
@@ -508,6 +532,10 @@ class Engine:
         r.num_generated_tokens = len(token_ids)
         r.token_logprobs, r.cumulative_logprob = logprobs, float(sum(logprobs))
         r.attempts = w.attempt + 1
+        if w.grammar is not None:
+            from .constraints import is_valid
+
+            r.valid = is_valid(p, text, token_ids, reason, self._grammars)
 
     # ---------------------------------------------------------------- self-check
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import check, check_at_most, check_range, check_seed
+from ..errors import UserError
 from .params import MAX_RETURN_SEQUENCES, SamplingParams
 
 MAX_SLOTS = 4096  # rows per decode step: more is a multi-GB cache for the smallest model
@@ -79,8 +80,18 @@ class ReplayConfig:
     id: str | None = field(default=None, metadata={"help": "the row's id in --output"})
     sample_index: int = field(default=0, metadata={"help": "which sample of the item, >= 0"})
     json: bool = field(default=False, metadata={"help": "print the whole result as JSON instead of the text"})
+    chat: bool = field(
+        default=False,
+        metadata={"help": "render --prompt as one user message with the chat template, as generate --chat"},
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "chat: a system message put first"})
+    chat_template: str | None = field(
+        default=None, metadata={"help": "chat: a Jinja chat template file (default: the tokenizer's)"}
+    )
 
     def __post_init__(self):
+        for name in ("system_prompt", "chat_template"):
+            check(self.chat or getattr(self, name) is None, name, "is for a chat prompt: add --chat")
         if self.output is None:
             check(self.prompt is not None, "prompt", "is required (or pass --output OUT --id X)")
             check(self.seed is not None, "seed", "is required (or pass --output OUT --id X)")
@@ -109,7 +120,11 @@ class ReplayConfig:
             for f in dataclasses.fields(part)
             if f.name not in ("model", "threads") and getattr(part, f.name) != _default(f)
         ]
-        return unused + [name for name in ("prompt", "seed") if getattr(self, name) is not None]
+        return (
+            unused
+            + [name for name in ("prompt", "seed", "system_prompt", "chat_template") if getattr(self, name) is not None]
+            + ["chat"] * self.chat
+        )
 
 
 def _default(f):
@@ -130,7 +145,16 @@ def run_replay(cfg: ReplayConfig) -> int:
 
     engine = cfg.engine.build()
     params = dataclasses.replace(cfg.sampling, num_return_sequences=1)
-    result = engine.generate([cfg.prompt], [sample_seed(cfg.seed, cfg.sample_index)], params, batch_size=1)[0]
+    prompt = cfg.prompt
+    if cfg.chat:  # rendered as `generate --chat` renders a --prompt-column text: the same prompt, the same bytes
+        from .chat import ChatRenderer
+
+        prompt, err = ChatRenderer(engine.tokenizer, cfg.chat_template, cfg.system_prompt).render(
+            [{"role": "user", "content": cfg.prompt}]
+        )
+        if err is not None:
+            raise UserError(f"--prompt cannot be rendered as a chat message: {err}")
+    result = engine.generate([prompt], [sample_seed(cfg.seed, cfg.sample_index)], params, batch_size=1)[0]
     result.sample_index = cfg.sample_index
     if cfg.json:
         print(json.dumps(dataclasses.asdict(result), ensure_ascii=False))

@@ -17,6 +17,8 @@ MAX_STOPS = 256
 MAX_STOP_CHARS = 1024  # stop strings are searched in a margin of this many characters per step
 
 MAX_STOP_TOKEN_IDS = 16  # per row: they are a fixed-width tensor in the decode step
+MAX_CHOICES = 4096
+CONSTRAINTS = ("json_schema", "regex", "choice", "grammar")  # at most one per row
 
 
 @dataclass
@@ -46,6 +48,23 @@ class SamplingParams:
     num_return_sequences: int = field(default=1, metadata={"help": "samples per prompt, 1 to 1024, each with its seed"})
     truncate: Literal["error", "left"] = field(
         default="error", metadata={"help": "over-long prompts: per-row error, or keep their last tokens"}
+    )
+    json_schema: str | None = field(
+        default=None,
+        metadata={"help": "structured output: each row is JSON matching this JSON Schema (a file, or the schema)"},
+    )
+    regex: str | None = field(
+        default=None, metadata={"help": "structured output: each row's whole text matches this regular expression"}
+    )
+    choice: list[str] = field(
+        default_factory=list,
+        metadata={"help": "structured output: each row's text is one of these (--choice A B C, or --choice A,B,C)"},
+    )
+    choice_file: str | None = field(
+        default=None, metadata={"help": "structured output: as --choice, one choice per line of this file"}
+    )
+    grammar: str | None = field(
+        default=None, metadata={"help": "structured output: each row's text is in this Lark grammar (a file, or text)"}
     )
 
     def __post_init__(self):
@@ -86,6 +105,53 @@ class SamplingParams:
             self.stop_token_ids,
         )
 
+        self._constraint_post_init()
+
+    def _constraint_post_init(self) -> None:
+        """Files read, the schema in canonical JSON, at most one constraint, none beside min_new_tokens."""
+        import json
+
+        from .constraints import read_spec
+
+        if isinstance(self.choice, str):
+            self.choice = [self.choice]
+        self.choice = list(self.choice)
+        if self.choice_file is not None:
+            check(not self.choice, "choice_file", "and --choice both give the choices; pass one")
+            self.choice = [line for line in read_spec("choice_file", self.choice_file).splitlines() if line]
+            self.choice_file = None
+        if len(self.choice) == 1 and "," in self.choice[0]:  # --choice A,B,C
+            self.choice = self.choice[0].split(",")
+        check(all(isinstance(c, str) and c for c in self.choice), "choice", "must be non-empty strings", self.choice)
+        check_at_most("choice", len(self.choice), MAX_CHOICES, " choices")
+        if self.json_schema is not None:
+            text = read_spec("json_schema", self.json_schema)
+            try:
+                schema = json.loads(text)
+            except ValueError as exc:
+                check(False, "json_schema", f"is neither a file nor JSON text ({exc})", self.json_schema[:80])
+            check(isinstance(schema, dict), "json_schema", "must be a JSON object (a JSON Schema)", text[:80])
+            self.json_schema = json.dumps(schema, sort_keys=True, ensure_ascii=False)
+        if self.grammar is not None:
+            self.grammar = read_spec("grammar", self.grammar)
+        given = [name for name in CONSTRAINTS if getattr(self, name)]
+        which = given[-1] if given else "json_schema"
+        check(len(given) <= 1, which, f"is one constraint too many: pick one of {given}")
+        check(
+            not (given and self.min_new_tokens),
+            "min_new_tokens",
+            f"cannot hold eos back under a constraint ({', '.join(given)}): the grammar decides where a row ends",
+        )
+
+    @property
+    def constraint(self) -> tuple[str, object] | None:
+        """(kind, spec) of the row's structured-output constraint, or None."""
+        for name in CONSTRAINTS:
+            value = getattr(self, name)
+            if value:
+                return name, value
+        return None
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
@@ -99,14 +165,28 @@ def with_overrides(base: SamplingParams, values: dict) -> SamplingParams:
             with its field and flag, as the flag's own check says it).
     """
     import dataclasses
+    import json
     import typing
 
     from ..config import coerce
     from ..errors import UserError
+    from .constraints import from_response_format, read_spec
 
+    values = dict(values)
+    if "choice_file" in values or any(
+        isinstance(values.get(name), str) and read_spec(name, values[name]) != values[name]
+        for name in ("json_schema", "grammar")
+    ):
+        raise UserError("a row's constraint is given inline (a JSON Schema object, a grammar's text), never as a file")
+    if "response_format" in values:  # the OpenAI shape, as a row's constraint
+        values.update(from_response_format(values.pop("response_format")))
+    if isinstance(values.get("json_schema"), (dict, bool)):
+        values["json_schema"] = json.dumps(values["json_schema"], sort_keys=True, ensure_ascii=False)
     hints = typing.get_type_hints(SamplingParams)
     unknown = sorted(set(values) - set(hints))
     if unknown:
         names = ", ".join(map(repr, unknown))
-        raise UserError(f"unknown sampling field(s) {names}; the fields are: {', '.join(hints)}")
+        raise UserError(f"unknown sampling field(s) {names}; the fields are: {', '.join(hints)}, response_format")
+    if any(values.get(name) for name in (*CONSTRAINTS, "choice_file")):  # a row's constraint replaces the job's
+        values = {**{name: [] if name == "choice" else None for name in CONSTRAINTS}, **values}
     return dataclasses.replace(base, **{k: coerce(k, hints[k], v) for k, v in values.items()})

@@ -35,11 +35,12 @@ class SamplerShape:
     candidates: int  # top-k candidates kept per row; `vocab` when no row uses top-k
     top_p: bool
     penalty: bool
+    constrained: bool = False  # rows with a structured-output constraint (a host-computed token mask per step)
 
     @classmethod
     def of(cls, params: SamplingParams, vocab: int) -> SamplerShape:
         k = params.top_k if 0 < params.top_k < vocab else vocab
-        return cls(vocab, k, params.top_p < 1.0, params.repetition_penalty != 1.0)
+        return cls(vocab, k, params.top_p < 1.0, params.repetition_penalty != 1.0, params.constraint is not None)
 
     @property
     def fixed_point_bits(self) -> int:

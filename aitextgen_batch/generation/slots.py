@@ -51,6 +51,7 @@ class Admission:
     bucket: int
     key: int
     params: SamplingParams
+    matcher: object = None  # the row's llguidance matcher when it has a constraint (`constraints`)
 
 
 @dataclass
@@ -135,6 +136,10 @@ class Decoder:
         self.seen = torch.zeros((s, shape.vocab), dtype=torch.bool, device=device) if shape.penalty else None
         self.params = RowParams(s, device)
         self.params.pad_stop = self.eos_id or 0
+        # Structured output: each constrained slot's matcher, and the tokens it allows next (filled on the host).
+        self.matchers: list = [None] * s
+        self.allow = torch.ones((s, shape.vocab), dtype=torch.bool, device=device) if shape.constrained else None
+        self._bitmask = torch.zeros((s, (shape.vocab + 31) // 32), dtype=torch.int32) if shape.constrained else None
         self._prefills: dict[int, _PrefillInputs] = {}
         self._step_graphs: dict[int, object] = {}  # attention width -> captured decode step
         self.warmup_seconds = 0.0
@@ -166,7 +171,10 @@ class Decoder:
         cache positions (device only)."""
         logits = self.logits[: self.slots]
         draws = uniform_tensor(self.key, self.step)
-        tok = sample(logits, draws, self.params, self.shape, self.step, self.eos_ids, self.seen)
+        # A constraint hides what its grammar does not allow, before temperature, top-k and top-p; the log-probability
+        # recorded below stays the model's own.
+        allowed = logits if self.allow is None else logits.masked_fill(~self.allow, float("-inf"))
+        tok = sample(allowed, draws, self.params, self.shape, self.step, self.eos_ids, self.seen)
         self.tokens.scatter_(1, self.step[:, None], tok[:, None])
         # The model's own log-probability of the token (a per-row reduction over the vocabulary).
         logprob = logits.gather(1, tok[:, None]) - torch.logsumexp(logits, dim=-1, keepdim=True)
@@ -235,11 +243,44 @@ class Decoder:
         for _ in range(n):
             width = self.width()
             graph = self._step_graph(width)
+            if self.allow is not None:
+                self._fill_masks()
+                before = self.step.to("cpu", copy=True)
             if graph is not None:
                 graph.replay()
             else:
                 self._step(width)
+            if self.allow is not None:
+                self._consume(before)
             self._reach[self._live] += 1
+
+    def _fill_masks(self) -> None:
+        """Each live constrained slot's allowed tokens, from its matcher (host); a matcher in error allows eos only."""
+        rows = [s for s in np.nonzero(self._live)[0] if self.matchers[s] is not None]
+        if not rows:
+            return
+        import llguidance.torch
+
+        bm = self._bitmask
+        bm.fill_(-1)
+        for s in rows:
+            m = self.matchers[s]
+            if m.is_error():
+                bm[s].zero_()
+                if self.eos_id is not None:
+                    bm[s, self.eos_id // 32] = 1 << (self.eos_id % 32) if self.eos_id % 32 < 31 else -(1 << 31)
+            else:
+                llguidance.torch.fill_next_token_bitmask(m, bm, int(s))
+        bits = np.unpackbits(bm.numpy().view(np.uint8), axis=1, bitorder="little")[:, : self.shape.vocab]
+        self.allow.copy_(torch.from_numpy(bits.astype(bool)))
+
+    def _consume(self, before: torch.Tensor) -> None:
+        """Feed each live constrained slot's new token to its matcher (the only host sync of a constrained step)."""
+        rows = [s for s in np.nonzero(self._live)[0] if self.matchers[s] is not None]
+        if rows:
+            tokens = self.tokens.to("cpu")
+            for s in rows:
+                self.matchers[s].consume_token(int(tokens[s, int(before[s])]))
 
     def _step_graph(self, width: int):
         if not self.use_graphs:
@@ -303,6 +344,7 @@ class Decoder:
 
         for slot, a in batch:
             self._reach[slot], self._live[slot] = a.bucket, True
+            self.matchers[slot] = a.matcher
         put(self.key, [to_signed64(a.key) for _, a in batch])
         put(self.base, [a.bucket for _, a in batch])
         put(self.prompt_len, [len(a.prompt_ids) for _, a in batch])

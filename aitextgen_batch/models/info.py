@@ -20,6 +20,7 @@ class InfoConfig:
 
 def model_info(source: str, tokenizer=None, trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
     """Load `source` on CPU and describe it: kind, architecture, size, vocabulary and fingerprint."""
+    from ..generation.engine import eos_token_ids
     from .context import context_length
     from .fingerprint import model_fingerprint
     from .loading import load_model, resolve_source
@@ -49,5 +50,6 @@ def model_info(source: str, tokenizer=None, trust_remote_code: bool = False, all
         "tokenizer_size": len(tok),
         "bos/eos/pad": f"{tok.bos_token_id}/{tok.eos_token_id}/{tok.pad_token_id}",
         "chat template": "yes (--chat works)" if tok.chat_template else "none (--chat needs --chat-template FILE)",
+        "eos ids": ", ".join(f"{i} {tok.convert_ids_to_tokens(i)!r}" for i in eos_token_ids(model, tok)) or "none",
         "fingerprint": model_fingerprint(model, tok, resolved.folder),
     }
