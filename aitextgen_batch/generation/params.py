@@ -18,6 +18,7 @@ MAX_STOP_CHARS = 1024  # stop strings are searched in a margin of this many char
 
 MAX_STOP_TOKEN_IDS = 16  # per row: they are a fixed-width tensor in the decode step
 MAX_CHOICES = 4096
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 CONSTRAINTS = ("json_schema", "regex", "choice", "grammar")  # at most one per row
 
 
@@ -48,6 +49,16 @@ class SamplingParams:
     num_return_sequences: int = field(default=1, metadata={"help": "samples per prompt, 1 to 1024, each with its seed"})
     truncate: Literal["error", "left"] = field(
         default="error", metadata={"help": "over-long prompts: per-row error, or keep their last tokens"}
+    )
+    top_logprobs: int = field(
+        default=0,
+        metadata={
+            "help": f"record the K most likely tokens (0 to {MAX_TOP_LOGPROBS}) at each generated position, with their "
+            "log-probabilities under the model (ties by lower token id)"
+        },
+    )
+    prompt_logprobs: bool = field(
+        default=False, metadata={"help": "record each prompt token's log-probability under the model"}
     )
     json_schema: str | None = field(
         default=None,
@@ -105,6 +116,7 @@ class SamplingParams:
             self.stop_token_ids,
         )
 
+        check_range("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
         self._constraint_post_init()
 
     def _constraint_post_init(self) -> None:

@@ -36,11 +36,19 @@ class SamplerShape:
     top_p: bool
     penalty: bool
     constrained: bool = False  # rows with a structured-output constraint (a host-computed token mask per step)
+    top_logprobs: int = 0  # the K most likely tokens recorded at each step
 
     @classmethod
     def of(cls, params: SamplingParams, vocab: int) -> SamplerShape:
         k = params.top_k if 0 < params.top_k < vocab else vocab
-        return cls(vocab, k, params.top_p < 1.0, params.repetition_penalty != 1.0, params.constraint is not None)
+        return cls(
+            vocab,
+            k,
+            params.top_p < 1.0,
+            params.repetition_penalty != 1.0,
+            params.constraint is not None,
+            min(params.top_logprobs, vocab),
+        )
 
     @property
     def fixed_point_bits(self) -> int:
@@ -102,6 +110,15 @@ def _candidates(lg: torch.Tensor, top_k: torch.Tensor, k: int) -> tuple[torch.Te
     above, tie = cand > row_kth, cand == row_kth
     need = row_k[:, None] - above.sum(dim=-1, keepdim=True)
     return ids, cand, above | (tie & (torch.cumsum(tie.to(torch.int32), dim=-1) <= need))
+
+
+def top_tokens(lg: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens of each row, best first, ties by lower token id: (ids (rows, k), values (rows, k)).
+
+    Which of several tokens tied at the k-th value are kept, and their order, never depend on a kernel's choice."""
+    ids, values, _ = _candidates(lg, torch.zeros(lg.shape[0], dtype=torch.int64, device=lg.device), k)
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices  # ids ascending within equal values
+    return ids.gather(1, order).to(torch.int64), values.gather(1, order)
 
 
 def _fixed_point(lg: torch.Tensor, bits: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from .attention import CHUNK
 from .kvcache import MaskKinds, SlotCache, decode_masks, prefill_masks
 from .params import SamplingParams
-from .sampler import RowParams, SamplerShape, sample
+from .sampler import RowParams, SamplerShape, sample, top_tokens
 from .seeds import to_signed64, uniform_tensor
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,10 @@ class Decoder:
         self.tokens = torch.zeros((s, length + 1), **i64)
         self.logprobs = torch.zeros((s, length + 1), dtype=torch.float32, device=device)
         self.seen = torch.zeros((s, shape.vocab), dtype=torch.bool, device=device) if shape.penalty else None
+        # --top-logprobs: at each step, the K most likely tokens under the model and their log-probabilities
+        k = shape.top_logprobs
+        self.top_ids = torch.zeros((s, length + 1, k), **i64) if k else None
+        self.top_lp = torch.zeros((s, length + 1, k), dtype=torch.float32, device=device) if k else None
         self.params = RowParams(s, device)
         self.params.pad_stop = self.eos_id or 0
         # Structured output: each constrained slot's matcher, and the tokens it allows next (filled on the host).
@@ -177,8 +181,14 @@ class Decoder:
         tok = sample(allowed, draws, self.params, self.shape, self.step, self.eos_ids, self.seen)
         self.tokens.scatter_(1, self.step[:, None], tok[:, None])
         # The model's own log-probability of the token (a per-row reduction over the vocabulary).
-        logprob = logits.gather(1, tok[:, None]) - torch.logsumexp(logits, dim=-1, keepdim=True)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        logprob = logits.gather(1, tok[:, None]) - lse
         self.logprobs.scatter_(1, self.step[:, None], logprob)
+        if self.top_ids is not None:
+            ids, values = top_tokens(logits, self.shape.top_logprobs)
+            rows = torch.arange(self.slots, device=self.device)
+            self.top_ids[rows, self.step] = ids
+            self.top_lp[rows, self.step] = values - lse
         if self.seen is not None:
             self.seen.scatter_(1, tok[:, None], True)
         ends = self.step + 1 >= self.params.max_new
@@ -366,6 +376,12 @@ class Decoder:
         polled = Polled(*(t.to("cpu", copy=True).numpy() for t in state))
         self._live &= polled.alive
         return polled
+
+    def top_of(self, slot: int, n: int) -> list[list[tuple[int, float]]]:
+        """The first `n` steps' top tokens of a slot: [[(token id, log-probability), ...] best first, ...]."""
+        ids = self.top_ids[slot, :n].to("cpu").tolist()
+        lps = self.top_lp[slot, :n].to("cpu").tolist()
+        return [list(zip(i, lp, strict=True)) for i, lp in zip(ids, lps, strict=True)]
 
     def stop_rows(self, slots: list[int]) -> None:
         """Mark slots finished (their item hit a stop string); they become free."""
