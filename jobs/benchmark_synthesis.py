@@ -1,10 +1,10 @@
 """Per-row sampling params: what mixing them in one run costs, in generated tokens per second.
 
-    python jobs/benchmark_synthesis.py             # CPU, 2 threads, the default model, 512 rows (about 3 minutes)
+    python jobs/benchmark_synthesis.py             # CPU, 2 threads, pydoc-gpt2, 512 rows (about 3 minutes)
     python jobs/benchmark_synthesis.py --device cuda --rows 4096 --ray-rows 0
 
 The rows: the bundled sample prompts, each rendered as one user message with the shipped chat template
-(`aitextgen_batch/assets/chat_template.jinja`), on the shipped default model. Each row gets one of four
+(`aitextgen_batch/assets/chat_template.jinja`), on the bundled small model pydoc-gpt2. Each row gets one of four
 parameter sets: temperature 0.7 or 1.0, max_new_tokens 32 or 64 (row i: temperature by i % 2, budget by i // 2 % 2).
 Rows end at eos or their budget, as in a real job.
 
@@ -115,7 +115,13 @@ def ray_table(prompts: list[str], work: Path, batch_size: int) -> dict[str, tupl
         {"temperature": row_params(i).temperature, "max_new_tokens": row_params(i).max_new_tokens} for i in range(n)
     ]
     pq.write_table(pa.table({"id": list(range(n)), "prompt": prompts, "p": params}), work / "rows.parquet")
-    common = dict(input=str(work / "rows.parquet"), num_actors=2, shard_rows=max(1, n // 4), batch_size=batch_size)
+    common = dict(
+        input=str(work / "rows.parquet"),
+        model="pydoc-gpt2",
+        num_actors=2,
+        shard_rows=max(1, n // 4),
+        batch_size=batch_size,
+    )
     out = {}
     for name, extra in [
         ("uniform", {"temperature": TEMPERATURES[0], "max_new_tokens": BUDGETS[1]}),
@@ -158,11 +164,11 @@ def main() -> None:
     from aitextgen_batch.generation.engine import Engine
 
     torch.set_num_threads(args.threads)
-    engine = Engine.from_pretrained("", device=args.device)
+    engine = Engine.from_pretrained("pydoc-gpt2", device=args.device)
     device = torch.cuda.get_device_name() if engine.device.type == "cuda" else cpu_name()
     print(
         f"machine: {device}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"model: the default ({engine.dtype}), slots {engine.slots}, prefill rows {engine.prefill_rows}"
+        f"model: pydoc-gpt2 ({engine.dtype}), slots {engine.slots}, prefill rows {engine.prefill_rows}"
     )
     prompts = chat_prompts(args.rows, engine.tokenizer)
     rows = engine_table(engine, prompts, args.batch_size, args.repeats)

@@ -128,11 +128,11 @@ def test_max_new_tokens_does_not_change_rows_that_end_before_it(engine, prompts)
     assert len(ended) >= 6
     at1024 = engine.generate([prompts[i] for i in ended], [seeds[i] for i in ended], long_, batch_size=len(ended))
     assert as_bytes(at1024) == as_bytes([at64[i] for i in ended])
-    # beside a row that cannot stop early (a story with eos suppressed for 100 tokens): steps attend over more chunks
+    # beside a row that cannot stop early (a story with eos suppressed for 80 tokens): steps attend over more chunks
     story = chat(engine, ["Tell me a long story about a dragon."])[0]
-    mixed = [dataclasses.replace(long_, min_new_tokens=100)] + [long_] * len(ended)
+    mixed = [dataclasses.replace(long_, min_new_tokens=80)] + [long_] * len(ended)
     got = engine.generate([story] + [prompts[i] for i in ended], [1] + [seeds[i] for i in ended], mixed, 64)
-    assert got[0].num_generated_tokens > 100
+    assert got[0].num_generated_tokens > 80
     assert as_bytes(got[1:]) == as_bytes([at64[i] for i in ended])
 
 

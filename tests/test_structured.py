@@ -82,9 +82,9 @@ def test_greedy_constrained_output_equals_a_reference_loop(engine):
 
     from aitextgen_batch.generation.constraints import Grammars
 
-    params = SamplingParams(max_new_tokens=40, temperature=0, json_schema=json.dumps(SCHEMA), lstrip=False)
-    prompts = schema_prompts(engine)[:3]
-    got = engine.generate(prompts, [0, 1, 2], params, 3)
+    params = SamplingParams(max_new_tokens=24, temperature=0, json_schema=json.dumps(SCHEMA), lstrip=False)
+    prompts = schema_prompts(engine)[:2]
+    got = engine.generate(prompts, [0, 1], params, 2)
     grammars = Grammars(engine.tokenizer, engine.vocab_size, engine.eos_ids)
     grammar, error = grammars.compile("json_schema", params.json_schema)
     assert error is None
@@ -95,7 +95,7 @@ def test_greedy_constrained_output_equals_a_reference_loop(engine):
             ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             matcher, out = grammars.matcher(grammar), []
             mask = llguidance.torch.allocate_token_bitmask(1, engine.vocab_size)
-            for _ in range(40):
+            for _ in range(24):
                 with torch.no_grad():
                     logits = model(torch.tensor([ids + out])).logits[0, -1]
                 llguidance.torch.fill_next_token_bitmask(matcher, mask, 0)
@@ -116,7 +116,7 @@ def test_constrained_and_mixed_rows_are_the_same_in_any_batch(engine):
     """Rows with a schema, a regex, a choice, and none, mixed: byte-identical (valid flags included) in any batch size,
     order, refill on or off, and alone."""
     prompts = schema_prompts(engine)[:4] + [chat(engine, "What is 9 times 9?"), chat(engine, "Is ice cold?")] * 2
-    params = [SamplingParams(max_new_tokens=48, temperature=0.8, json_schema=json.dumps(SCHEMA))] * 4 + [
+    params = [SamplingParams(max_new_tokens=32, temperature=0.8, json_schema=json.dumps(SCHEMA))] * 4 + [
         SamplingParams(max_new_tokens=8, temperature=0.8, regex=r"[0-9]{1,3}"),
         SamplingParams(max_new_tokens=8, temperature=0.8, choice=["yes", "no"]),
         SamplingParams(max_new_tokens=16, temperature=0.8),
@@ -133,7 +133,7 @@ def test_constrained_and_mixed_rows_are_the_same_in_any_batch(engine):
         assert as_bytes(engine.generate(prompts, seeds, params, batch_size=len(prompts))) == want
     finally:
         engine.refill = True
-    for i in (1, 4, 5):
+    for i in (1, 5):
         assert as_bytes(engine.generate([prompts[i]], [seeds[i]], params[i], 1)) == [want[i]]
 
 

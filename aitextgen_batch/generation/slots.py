@@ -8,10 +8,11 @@ sees a step. It looks every `check_every` steps (`poll`), to see which slots fin
 matcher, and to admit waiting items into free slots (`admit`: a prefill of `prefill_rows` rows).
 
 Why a slot's numbers do not depend on when or beside whom its item runs: the prefill always has shape
-(prefill_rows, bucket) and the decode step (slots, 1) with `length` cache positions; the item's keys sit
-at the same cache indices whenever it starts; its step counter and stream key are its own; and every
-op in the step is row-wise. On CUDA both the decode step and each prefill width are captured once as
-CUDA graphs and replayed, since their buffers never move.
+(prefill_rows, bucket) and the decode step (slots, 1); the item's keys sit at the same cache indices whenever it
+starts; its step counter and stream key are its own; every op in the step is row-wise; and the step's attention
+reads whole chunks up to the farthest live row (`width`, tracked on the host), which adds exact zeros to a row
+whose keys end earlier (`attention`). On CUDA the decode step (once per attention width) and each prefill width are
+captured once as CUDA graphs and replayed, since their buffers never move.
 """
 
 from __future__ import annotations
