@@ -49,8 +49,8 @@ def write_requests(path: Path) -> list[dict]:
 SCHEMA = {
     "type": "object",
     "properties": {
-        "question": {"type": "string"},
-        "answer": {"type": "string"},
+        "question": {"type": "string", "maxLength": 160},
+        "answer": {"type": "string", "maxLength": 120},
         "difficulty": {"enum": ["easy", "medium", "hard"]},
     },
     "required": ["question", "answer", "difficulty"],

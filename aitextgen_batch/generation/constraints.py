@@ -60,12 +60,17 @@ def from_response_format(value) -> dict:
     return {"json_schema": schema}
 
 
+# The JSON a schema constraint writes: no free whitespace (a small model given room for it wanders into blank lines),
+# and the separators of `json.dumps`.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
 def grammar_text(kind: str, spec) -> str:
     """The llguidance grammar of one constraint."""
     from llguidance import LLMatcher
 
-    if kind == "json_schema":
-        return LLMatcher.grammar_from_json_schema(spec)
+    if kind == "json_schema":  # one line, as `json.dumps` writes it (a schema's own "x-guidance" may say otherwise)
+        return LLMatcher.grammar_from_json_schema(spec, defaults=JSON_LAYOUT)
     if kind == "regex":
         return LLMatcher.grammar_from_regex(spec)
     if kind == "choice":

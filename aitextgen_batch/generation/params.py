@@ -143,7 +143,7 @@ class SamplingParams:
             except ValueError as exc:
                 check(False, "json_schema", f"is neither a file nor JSON text ({exc})", self.json_schema[:80])
             check(isinstance(schema, dict), "json_schema", "must be a JSON object (a JSON Schema)", text[:80])
-            self.json_schema = json.dumps(schema, sort_keys=True, ensure_ascii=False)
+            self.json_schema = json.dumps(schema, ensure_ascii=False)  # property order kept: it is the output's order
         if self.grammar is not None:
             self.grammar = read_spec("grammar", self.grammar)
         given = [name for name in CONSTRAINTS if getattr(self, name)]
@@ -193,7 +193,7 @@ def with_overrides(base: SamplingParams, values: dict) -> SamplingParams:
     if "response_format" in values:  # the OpenAI shape, as a row's constraint
         values.update(from_response_format(values.pop("response_format")))
     if isinstance(values.get("json_schema"), (dict, bool)):
-        values["json_schema"] = json.dumps(values["json_schema"], sort_keys=True, ensure_ascii=False)
+        values["json_schema"] = json.dumps(values["json_schema"], ensure_ascii=False)
     hints = typing.get_type_hints(SamplingParams)
     unknown = sorted(set(values) - set(hints))
     if unknown:
