@@ -160,12 +160,9 @@ class GenerateConfig:
             check(chat_input or getattr(self, name) is None, name, "is for chat input: add --chat or --messages-column")
         from .shard import BASE_FIELDS, optional_fields
 
-        s = self.sampling
         reserved = {"id"} | {name for name, _ in BASE_FIELDS}
         reserved |= set(
-            optional_fields(
-                self.params_column is not None, self.logprobs, self.return_tokens, s.top_logprobs > 0, s.prompt_logprobs
-            )
+            optional_fields(self.params_column is not None, self.logprobs, self.return_tokens, *self.logprob_columns)
         )
         clash = sorted(set(self.keep_columns) & reserved)
         check(not clash, "keep_columns", f"cannot keep {clash}: those names are output columns", self.keep_columns)
@@ -188,6 +185,13 @@ class GenerateConfig:
             )
         check(not self.keep_columns, "keep_columns", "does not apply to --input-format openai-batch")
         self.return_tokens = True  # the results' log-probabilities are made from token_ids and token_logprobs
+
+    @property
+    def logprob_columns(self) -> tuple[bool, bool]:
+        """Whether the output has top_logprobs and prompt_logprobs: when the flags ask, or when rows have their own
+        params (any row may ask)."""
+        per_row = self.params_column is not None or self.input_format == "openai-batch"
+        return self.sampling.top_logprobs > 0 or per_row, self.sampling.prompt_logprobs or per_row
 
     @property
     def columns(self) -> Columns:
@@ -475,6 +479,8 @@ def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> 
         logprobs=cfg.logprobs,
         return_tokens=cfg.return_tokens,
         requests=checked.requests,
+        top_logprobs=cfg.logprob_columns[0],
+        prompt_logprobs=cfg.logprob_columns[1],
     )
     keep = pa.schema([pa.field(c, inputs.types[c]) for c in cfg.keep_columns])
     out = Location(cfg.output)

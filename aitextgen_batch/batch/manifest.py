@@ -126,6 +126,8 @@ class Identity:
     logprobs: bool = False  # the output has cumulative_logprob
     return_tokens: bool = False  # the output has token_ids and token_logprobs
     requests: RequestSpec | None = None  # the input is an OpenAI batch file
+    top_logprobs: bool = False  # the output has top_logprobs (--top-logprobs, or per-row params: a row may ask)
+    prompt_logprobs: bool = False  # the output has prompt_logprobs (--prompt-logprobs, or per-row params)
 
 
 @dataclass

@@ -41,25 +41,22 @@ PROMPT_FIELD = "prompt_logprobs"  # with --prompt-logprobs (or per-row params)
 def optional_fields(
     params: bool, logprobs: bool, return_tokens: bool, top_logprobs: bool = False, prompt_logprobs: bool = False
 ) -> list[str]:
-    """The output columns a job has beyond BASE_FIELDS, in order. A job with per-row params has the top and prompt
-    log-probability columns whatever its flags say: any row may ask for them."""
+    """The output columns a job has beyond BASE_FIELDS, in order (a job with per-row params has the top and prompt
+    log-probability columns whatever its flags say, since any row may ask: `GenerateConfig.logprob_columns`)."""
     return (
         [PARAMS_FIELD] * params
         + LOGPROB_FIELDS * logprobs
         + TOKEN_FIELDS * return_tokens
-        + [TOP_FIELD] * (top_logprobs or params)
-        + [PROMPT_FIELD] * (prompt_logprobs or params)
+        + [TOP_FIELD] * top_logprobs
+        + [PROMPT_FIELD] * prompt_logprobs
     )
 
 
 def job_fields(ident) -> list[str]:
-    """`optional_fields` of a job's identity (a job recorded before top and prompt log-probabilities has neither)."""
+    """`optional_fields` of a job's identity: the columns it recorded (a job of an earlier version has no top or prompt
+    log-probabilities, and is resumed without them)."""
     return optional_fields(
-        bool(ident.columns.params),
-        ident.logprobs,
-        ident.return_tokens,
-        ident.sampling.get("top_logprobs", 0) > 0,
-        bool(ident.sampling.get("prompt_logprobs")),
+        bool(ident.columns.params), ident.logprobs, ident.return_tokens, ident.top_logprobs, ident.prompt_logprobs
     )
 
 

@@ -159,7 +159,7 @@ def _endpoint(obj: dict) -> str:
     if extra:
         raise Refused(f"{extra[0]!r} is not a field of a batch request line (custom_id, method, url, body)", extra[0])
     method, url = obj.get("method", "POST"), obj.get("url")
-    if url not in FIELDS:
+    if not isinstance(url, str) or url not in FIELDS:
         raise Refused(f"url {url!r} is not served: the endpoints are {CHAT} and {COMPLETIONS}", "url")
     if method != "POST":
         raise Refused(f"method must be POST, got {method!r}", "method")
