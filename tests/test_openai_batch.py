@@ -302,10 +302,10 @@ def test_a_request_that_cannot_be_served_is_its_own_error_naming_the_field():
         (
             {"messages": msgs, "logprobs": True, "top_logprobs": 21},
             "top_logprobs",
-            "top_logprobs: top_logprobs must be",
+            "top_logprobs must be >= 0 and <= 20, got 21",
         ),
-        ({"messages": msgs, "max_tokens": 0}, "max_tokens", "max_tokens: max_new_tokens must be >= 1, got 0"),
-        ({"messages": msgs, "temperature": -1}, "temperature", "temperature: temperature must be >= 0.0, got -1"),
+        ({"messages": msgs, "max_tokens": 0}, "max_tokens", "max_tokens must be >= 1, got 0"),
+        ({"messages": msgs, "temperature": -1}, "temperature", "temperature must be >= 0.0, got -1"),
         ({"messages": msgs, "seed": -5}, "seed", "seed must be an integer in [0, 2**63-1], got -5"),
         ({"messages": msgs, "stream": True}, "stream", "stream must be false in a batch"),
         ({"messages": msgs, "response_format": {"type": "xml"}}, "response_format", "response_format must be"),
@@ -319,6 +319,7 @@ def test_a_request_that_cannot_be_served_is_its_own_error_naming_the_field():
         assert set(got) >= {"request_error", "error_param"} and "params" not in got, body
         assert got["error_param"] == param and message in got["request_error"], (body, got)
     assert one({"prompt": "a"}, "/v1/embeddings")["error_param"] == "url"
+    assert one({"prompt": "a"}, ["/v1/completions"])["error_param"] == "url"
     assert one({"prompt": "a"}, COMPLETIONS, method="GET")["error_param"] == "method"
     assert one({"prompt": "a"}, COMPLETIONS, extra=1)["error_param"] == "extra"
     ignore = translate(
@@ -382,3 +383,49 @@ def test_top_and_prompt_logprob_columns_equal_a_full_forward_pass_and_verify_exa
     (out / "_done" / "00000.json").write_text(json.dumps(record))
     report = verify_output(out, sample=100)
     assert report["mismatches"] == 1 and report["mismatched_ids"] == [table.column("id")[1].as_py()]
+
+
+def test_run_batch_flags_default_to_openais_sampling_and_refuse_what_does_not_apply(capsys):
+    from aitextgen_batch.cli import parse
+
+    _, cfg = parse(["run-batch", "-i", "r.jsonl", "-o", "out/r.jsonl", "--temperature", "0.5", "--top-logprobs", "2"])
+    s = cfg.sampling
+    assert (s.temperature, s.top_k, s.top_p, s.lstrip, s.nonempty_output, s.top_logprobs) == (
+        0.5,
+        0,
+        1.0,
+        False,
+        False,
+        2,
+    )
+    assert cfg.work_dir == "out/r.job" and cfg.job_config().input_format == "openai-batch"
+    assert parse(["generate", "--input", "r.jsonl", "--output", "o"])[1].sampling.temperature == 0.7  # generate's own
+    for argv, message in [
+        (["run-batch", "-i", "r.jsonl", "-o", "w/r.jsonl", "--work-dir", "w"], "lies inside --work-dir 'w'"),
+        (["run-batch", "-i", "r.jsonl", "-o", "r.jsonl"], "output (--output) is the request file"),
+        (
+            ["run-batch", "-i", "r.jsonl", "-o", "o.jsonl", "--price-per-hour", "-1"],
+            "price_per_hour (--price-per-hour)",
+        ),
+        (
+            [
+                "generate",
+                "--input",
+                "r.jsonl",
+                "--output",
+                "o",
+                "--input-format",
+                "openai-batch",
+                "--prompt-column",
+                "q",
+            ],
+            "prompt_column (--prompt-column) does not apply to --input-format openai-batch",
+        ),
+        (
+            ["generate", "--input", "r.jsonl", "--output", "o", "--ignore-model-name"],
+            "is for --input-format openai-batch",
+        ),
+    ]:
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert message in capsys.readouterr().err, argv

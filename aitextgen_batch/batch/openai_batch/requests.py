@@ -259,7 +259,10 @@ def _check_values(base: SamplingParams, values: dict, body: dict) -> None:
         names = {**{v: k for k, v in SAMPLING.items() if k in body}, "top_logprobs": _top_name(body)}
         param = next((names.get(k, k) for k in values if _fails(base, {k: values[k]})), None)
         message = re.sub(r" \(--[a-z0-9-]+\)", "", str(exc))  # the flags' names mean nothing in a request
-        raise Refused(f"{param}: {message}" if param else message, param) from None
+        for ours, theirs in names.items():  # nor do our field names
+            message = re.sub(rf"\b{ours}\b", theirs, message)
+        prefix = f"{param}: " if param and not message.startswith(param) else ""
+        raise Refused(prefix + message, param) from None
 
 
 def _top_name(body: dict) -> str:
