@@ -482,7 +482,7 @@ def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> 
         top_logprobs=cfg.logprob_columns[0],
         prompt_logprobs=cfg.logprob_columns[1],
     )
-    keep = pa.schema([pa.field(c, inputs.types[c]) for c in cfg.keep_columns])
+    keep = pa.schema([pa.field(c, inputs.types[c]) for c in columns.keep])
     out = Location(cfg.output)
     # Actors read a JSONL input's Parquet copy from OUT/_inputs/ (copied there once OUT is known to be this job's).
     files = [

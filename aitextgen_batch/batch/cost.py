@@ -64,13 +64,13 @@ def summary_fields(sessions: list[Session], generated_tokens: int, price_per_hou
     """The cost fields of a job's summary, over all its sessions."""
     by_type: dict[str, float] = {}
     for s in sessions:
-        by_type[s.device] = by_type.get(s.device, 0.0) + s.device_seconds
-    hours = sum(by_type.values()) / 3600
+        by_type[s.device] = round(by_type.get(s.device, 0.0) + s.device_seconds, 3)
+    hours = sum(by_type.values()) / 3600  # from the values reported, so that they agree
     usd = hours * price_per_hour if price_per_hour is not None else None
     return {
         "wall_seconds": round(sum(s.seconds for s in sessions), 2),
         "sessions": len(sessions),
-        "device_seconds": {k: round(v, 2) for k, v in by_type.items()},
+        "device_seconds": by_type,
         "tokens_per_device_hour": round(generated_tokens / hours, 1) if hours else 0.0,
         "price_per_hour": price_per_hour,
         "cost_usd": round(usd, 6) if usd is not None else None,
