@@ -237,6 +237,7 @@ def _cases(h, model):
         "import-gguf": ([str(h / "binary.bin"), "--output", str(h / "converted")], "is not a GGUF file"),
         "default-model": ([], "is not installed in this Python environment"),
         "generate": (["--input", f"{h}/*.parqet", "--output", str(h / "out")], "matches no Parquet files"),
+        "run-batch": (["-i", str(h / "binary.bin"), "-o", str(h / "r.jsonl")], "reads one request file (.jsonl"),
         "replay": (["--output", str(h / "empty"), "--id", "x"], "holds no job"),
         "verify": (["--output", str(h / "empty")], "holds no job"),
         "prepare": (["--input", str(h / "nope.txt"), "--tokenizer", str(model), "--output", str(h / "c")], "not exist"),
