@@ -429,3 +429,44 @@ def test_run_batch_flags_default_to_openais_sampling_and_refuse_what_does_not_ap
         with pytest.raises(SystemExit):
             parse(argv)
         assert message in capsys.readouterr().err, argv
+
+
+def test_generate_reads_the_same_file_as_rows(results, requests_file, tiny_model_dir, template_file, tmp_path):
+    """`generate --input-format openai-batch`: the same requests as Parquet rows, the bytes run-batch's job made (given
+    its sampling defaults), ids the custom_ids, each error request an error row naming its field."""
+    openai_defaults = dict(temperature=1.0, top_k=0, lstrip=False, nonempty_output=False)
+    s = generate_dataset(
+        input=str(requests_file), output=str(tmp_path / "rows"), input_format="openai-batch", model=str(tiny_model_dir),
+        chat_template=str(template_file), slots=4, shard_rows=50, in_process=True, quiet=True, **openai_defaults,
+    )  # fmt: skip
+    assert s.status == "complete" and s.shards == 1 and s.error_rows == 2
+    a = pd.read_parquet(tmp_path / "rows").set_index(["id", "sample_index"]).sort_index()
+    b = pd.read_parquet(results.with_name("results.job")).set_index(["id", "sample_index"]).sort_index()
+    cols = ["prompt", "seed", "text", "finish_reason", "error", "url", "line", "error_param", "params"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    assert a.loc[("request-20", 0), "error"].startswith("body field 'logit_bias' is not supported")
+    assert a.loc[("request-3", 0), "seed"] == 1003 and a.loc[("request-8", 0), "prompt"].endswith("<|assistant|>")
+
+
+def test_the_readmes_hosted_api_batch_file_runs_unchanged_on_the_default_model(tmp_path):
+    """The request file of the README (written for a hosted API: its model is gpt-4o-mini), run as it is with
+    `--ignore-model-name` on the default model: a chat completion with top log-probabilities, a completion with n=3."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### OpenAI batch files", 1)[1]
+    block = re.search(r"```json\n(.*?)```", section, flags=re.S).group(1)
+    requests = [json.loads(line) for line in block.splitlines()]
+    assert {r["body"]["model"] for r in requests} == {"gpt-4o-mini"}
+    (tmp_path / "requests.jsonl").write_text(block)
+    out = tmp_path / "results.jsonl"
+    argv = ["run-batch", "-i", str(tmp_path / "requests.jsonl"), "-o", str(out), "--ignore-model-name"]
+    assert main([*argv, "--in-process", "--slots", "4", "--quiet"]) == 0  # 4 slots: the 4 samples, one step each
+    chat_line, completion_line = (json.loads(line) for line in out.read_text().splitlines())
+    chat = ChatCompletion.model_validate(chat_line["response"]["body"], strict=True)
+    assert chat_line["custom_id"] == "q-1" and chat.model == "smollm2-135m-instruct-q4_1"
+    assert chat.choices[0].message.content and chat.usage.completion_tokens <= 48
+    assert all(len(t.top_logprobs) == 5 for t in chat.choices[0].logprobs.content)
+    completion = Completion.model_validate(completion_line["response"]["body"], strict=True)
+    assert completion_line["custom_id"] == "q-2" and len(completion.choices) == 3
+    assert len({c.text for c in completion.choices}) > 1  # three samples, each from its own seed stream
