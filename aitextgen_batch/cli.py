@@ -11,6 +11,7 @@ from .errors import UserError
 # What Ctrl-C leaves behind, per command.
 RESUME = {
     "generate": "Finished shards are kept: rerun the same command to resume.",
+    "run-batch": "Finished shards are kept in the job's folder (--work-dir): rerun the same command to resume.",
     "finetune": "Saved steps are kept: rerun the same command to resume from the last one.",
     "prepare": "Nothing was kept: run it again.",
 }
@@ -72,6 +73,12 @@ def _generate(cfg) -> int:
     return 0 if summary.status == "complete" else 1
 
 
+def _run_batch(cfg) -> int:
+    from .batch.openai_batch.command import run_batch
+
+    return run_batch(cfg)
+
+
 def _verify(cfg) -> int:
     from .batch.verify import run_verify
 
@@ -89,6 +96,7 @@ def _submit(cfg, command: list[str]) -> int:
 def _commands():
     """name -> (config dataclass, handler). Imports stay light: configs import no torch."""
     from .batch.api import GenerateConfig
+    from .batch.openai_batch.command import RunBatchConfig
     from .batch.verify import VerifyConfig
     from .data.commands import PrepareConfig, run_prepare
     from .generation.options import ReplayConfig
@@ -106,6 +114,7 @@ def _commands():
         "import-gguf": (ImportGgufConfig, run_import_gguf),
         "default-model": (DefaultModelConfig, run_default_model),
         "generate": (GenerateConfig, _generate),
+        "run-batch": (RunBatchConfig, _run_batch),
         "replay": (ReplayConfig, _replay),
         "verify": (VerifyConfig, _verify),
         "prepare": (PrepareConfig, run_prepare),

@@ -134,7 +134,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
             kwargs["nargs"] = "?" if f.default is not dataclasses.MISSING else None
             parser.add_argument(f.name, **kwargs)
         else:
-            parser.add_argument(flag(f.name), **kwargs)
+            parser.add_argument(flag(f.name), *f.metadata.get("aliases", ()), **kwargs)
 
 
 def _finite(text: str) -> float:
@@ -202,16 +202,21 @@ def coerce(name: str, tp, value, where: str = ""):
     return value
 
 
-def _build(cls, values: dict[str, Any]):
+def _build(cls, values: dict[str, Any], defaults=None):
+    """`cls` from the flat `values`; a field not given takes its value in `defaults` (an instance of `cls`: a nested
+    config's own default, e.g. the OpenAI sampling defaults of `run-batch`) or else the class's default."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         if dataclasses.is_dataclass(hints[f.name]):
-            kwargs[f.name] = _build(hints[f.name], values)
+            nested = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            kwargs[f.name] = _build(hints[f.name], values, nested)
         elif f.name in values:
             kwargs[f.name] = coerce(f.name, hints[f.name], values[f.name])
+        elif defaults is not None:
+            kwargs[f.name] = getattr(defaults, f.name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise UserError(f"{flag(f.name)} is required")
     return cls(**kwargs)

@@ -19,6 +19,7 @@ COMMANDS = (
     "import-gguf",
     "default-model",
     "generate",
+    "run-batch",
     "replay",
     "verify",
     "prepare",
@@ -47,7 +48,7 @@ def _float_options() -> list[tuple[str, str]]:
 
 def test_every_float_option_refuses_nan_and_infinities_on_the_command_line(capsys):
     options = _float_options()
-    assert {c for c, _ in options} == {"generate", "replay", "finetune"} and len(options) >= 11
+    assert {c for c, _ in options} == {"generate", "run-batch", "replay", "finetune"} and len(options) >= 11
     for command, name in options:
         for bad in ("nan", "inf", "-inf", "NaN"):
             with pytest.raises(SystemExit) as e:
@@ -93,6 +94,7 @@ def test_python_api_values_are_checked_like_flags():
 REQUIRED = {
     "train-tokenizer": ["--input", "corpus.txt"],
     "generate": ["--input", "in.parquet", "--output", "out"],
+    "run-batch": ["-i", "requests.jsonl", "-o", "results.jsonl"],
     "replay": ["--prompt", "the fox", "--seed", "1"],
     "verify": ["--output", "out"],
     "prepare": ["--input", "corpus.txt", "--tokenizer", "tok", "--output", "cache"],
@@ -235,6 +237,7 @@ def _cases(h, model):
         "import-gguf": ([str(h / "binary.bin"), "--output", str(h / "converted")], "is not a GGUF file"),
         "default-model": ([], "is not installed in this Python environment"),
         "generate": (["--input", f"{h}/*.parqet", "--output", str(h / "out")], "matches no Parquet files"),
+        "run-batch": (["-i", str(h / "binary.bin"), "-o", str(h / "r.jsonl")], "reads one request file (.jsonl"),
         "replay": (["--output", str(h / "empty"), "--id", "x"], "holds no job"),
         "verify": (["--output", str(h / "empty")], "holds no job"),
         "prepare": (["--input", str(h / "nope.txt"), "--tokenizer", str(model), "--output", str(h / "c")], "not exist"),

@@ -234,7 +234,9 @@ def test_per_row_params_and_bad_rows(synth):
         assert pd.isna(row.cumulative_logprob) and row.token_ids is None and row.token_logprobs is None
     assert pd.isna(df.loc[("bad-temp", 0)].params) and json.loads(df.loc[("bad-role", 0)].params)["top_k"] == 0
     assert pd.isna(df.loc[("bad-role", 0)].prompt) and df.loc[("bad-temp", 0)].prompt.endswith("<|assistant|>")
-    assert list(df.columns[-5:]) == ["params", "cumulative_logprob", "token_ids", "token_logprobs", "topic"]
+    # a job with per-row params has the top and prompt log-probability columns: any row may ask for them
+    tail = ["params", "cumulative_logprob", "token_ids", "token_logprobs", "top_logprobs", "prompt_logprobs", "topic"]
+    assert list(df.columns[-7:]) == tail and df.top_logprobs.isna().all() and df.prompt_logprobs.isna().all()
 
 
 def test_logprobs_equal_a_full_forward_recomputation(synth, engine):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..config import check, check_at_most, check_range, check_seed, to_dict
 from ..errors import UserError
@@ -16,7 +18,7 @@ from ..generation.options import EngineConfig
 from ..generation.params import SamplingParams
 from ..storage import Location
 from . import manifest as mf
-from .manifest import ChatSpec, Columns, DoneRecord, Identity, JobSpec, ModelSpec, Numerics
+from .manifest import ChatSpec, Columns, DoneRecord, Identity, JobSpec, ModelSpec, Numerics, RequestSpec, Session
 
 log = logging.getLogger("aitextgen_batch")
 
@@ -37,6 +39,23 @@ class GenerateConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     input: str = field(default="", metadata={"help": "a Parquet or JSONL file, a folder of them, or a glob"})
     output: str = field(default="", metadata={"help": "output folder (Parquet shards + _job.json)"})
+    input_format: Literal["rows", "openai-batch"] = field(
+        default="rows",
+        metadata={
+            "help": "rows: prompts (or messages) in columns, as the flags below say; openai-batch: one OpenAI batch "
+            "request file (custom_id, method, url, body per line), each request a row (as run-batch reads it)"
+        },
+    )
+    served_model_name: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "openai-batch: the model names a request's model may give (default: --model as given and its "
+            "folder's name); the first is the one responses report"
+        },
+    )
+    ignore_model_name: bool = field(
+        default=False, metadata={"help": "openai-batch: answer every request with this model, whatever its model says"}
+    )
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompts"})
     id_column: str = field(default="id", metadata={"help": "unique id column; if absent, ids are file:row"})
     seed_column: str | None = field(default=None, metadata={"help": "per-row seeds; else derived from --seed + id"})
@@ -93,9 +112,21 @@ class GenerateConfig:
     )
     overwrite: bool = field(default=False, metadata={"help": "delete an existing job in --output and start over"})
     quiet: bool = field(default=False, metadata={"help": "log lines instead of a live progress bar"})
+    price_per_hour: float | None = field(
+        default=None,
+        metadata={
+            "help": "USD per device-hour (a GPU, or a CPU core for a CPU job): the summary then says what the job cost "
+            "and the cost per million generated tokens"
+        },
+    )
 
     def __post_init__(self):
         check(bool(self.input), "input", "is required: a Parquet file, folder or glob")
+        if self.price_per_hour is not None:
+            check_range("price_per_hour", self.price_per_hour, 0.0)
+        if isinstance(self.served_model_name, str):
+            self.served_model_name = [self.served_model_name]
+        self._check_input_format()
         check(bool(self.output), "output", "is required: the folder to write results to")
         check_seed("seed", self.seed)
         check_range("shard_rows", self.shard_rows, 1)
@@ -124,18 +155,50 @@ class GenerateConfig:
             "chat",
             "and --messages-column both say where chat messages come from; pass one",
         )
-        chat_input = self.chat or self.messages_column is not None
+        chat_input = self.chat or self.messages_column is not None or self.input_format == "openai-batch"
         for name in ("system_prompt", "chat_template"):
             check(chat_input or getattr(self, name) is None, name, "is for chat input: add --chat or --messages-column")
         from .shard import BASE_FIELDS, optional_fields
 
         reserved = {"id"} | {name for name, _ in BASE_FIELDS}
-        reserved |= set(optional_fields(self.params_column is not None, self.logprobs, self.return_tokens))
+        reserved |= set(
+            optional_fields(self.params_column is not None, self.logprobs, self.return_tokens, *self.logprob_columns)
+        )
         clash = sorted(set(self.keep_columns) & reserved)
         check(not clash, "keep_columns", f"cannot keep {clash}: those names are output columns", self.keep_columns)
 
+    def _check_input_format(self) -> None:
+        """An OpenAI batch file says where everything is: the flags that name columns do not apply to it."""
+        if self.input_format != "openai-batch":
+            for name in ("served_model_name", "ignore_model_name"):
+                check(not getattr(self, name), name, "is for --input-format openai-batch (or run-batch)")
+            return
+        defaults = {
+            f.name: f.default for f in dataclasses.fields(GenerateConfig) if f.default is not dataclasses.MISSING
+        }
+        for name in ("prompt_column", "id_column", "seed_column", "messages_column", "params_column", "chat"):
+            check(
+                getattr(self, name) == defaults[name],
+                name,
+                "does not apply to --input-format openai-batch: each request line has its custom_id, and its body its "
+                "messages or prompt, seed and sampling fields",
+            )
+        check(not self.keep_columns, "keep_columns", "does not apply to --input-format openai-batch")
+        self.return_tokens = True  # the results' log-probabilities are made from token_ids and token_logprobs
+
+    @property
+    def logprob_columns(self) -> tuple[bool, bool]:
+        """Whether the output has top_logprobs and prompt_logprobs: when the flags ask, or when rows have their own
+        params (any row may ask)."""
+        per_row = self.params_column is not None or self.input_format == "openai-batch"
+        return self.sampling.top_logprobs > 0 or per_row, self.sampling.prompt_logprobs or per_row
+
     @property
     def columns(self) -> Columns:
+        if self.input_format == "openai-batch":
+            from .openai_batch.requests import COLUMNS
+
+            return dataclasses.replace(COLUMNS, keep=list(COLUMNS.keep))
         return Columns(
             prompt=self.prompt_column,
             id=self.id_column,
@@ -155,6 +218,13 @@ class Resources:
     gpus_per_actor: float
     threads: int
     device: str  # "cuda" or "cpu"
+    device_type: str = "cpu"  # for the job's cost: "cpu", or "cuda" with the accelerator type ("cuda:H100")
+
+    @property
+    def devices(self) -> float:
+        """What the actors hold, in the units of `--price-per-hour`: GPUs, or CPU cores for a CPU job."""
+        per = self.gpus_per_actor if self.device == "cuda" else self.cpus_per_actor
+        return self.num_actors * (per or (1.0 if self.device == "cuda" else self.threads))
 
 
 @dataclass
@@ -169,12 +239,21 @@ class JobSummary:
     shards_failed: int
     rows: int
     error_rows: int
-    tokens: int
+    tokens: int  # generated tokens (each row's, the final eos included)
+    prompt_tokens: int  # prompt tokens of the generated rows (each sample's prompt counts)
     tokens_per_second: float
-    seconds: float
+    seconds: float  # this run's wall time
     actors: int
     actor_restarts: int
     retries: int
+    # what the job cost, over every run of it (`cost.summary_fields`)
+    wall_seconds: float
+    sessions: int
+    device_seconds: dict[str, float]  # device type -> devices x seconds held
+    tokens_per_device_hour: float
+    price_per_hour: float | None
+    cost_usd: float | None
+    usd_per_million_tokens: float | None  # per million generated tokens
     failed: dict[str, str] = field(default_factory=dict)  # shard -> error ("all" when every row is an error row)
 
     def __getitem__(self, key: str):
@@ -194,6 +273,7 @@ class CheckedJob:
     parameters: int = 0
     chat: ChatSpec | None = None
     chat_template: str | None = None  # the template's text
+    requests: RequestSpec | None = None  # how an OpenAI batch file was read
     staging: tempfile.TemporaryDirectory | None = None  # local Parquet copies of JSONL inputs
 
     def cleanup(self) -> None:
@@ -204,9 +284,10 @@ class CheckedJob:
 def _local_resources(cfg: GenerateConfig) -> Resources:
     """`--in-process`: this process is the one worker, on its own CUDA device when it has one."""
     from ..models.loading import default_device
+    from .cost import device_type
 
     device = (cfg.engine.device or default_device()).split(":")[0]
-    return Resources(1, 0.0, 0.0, int(cfg.engine.threads or 1), device)
+    return Resources(1, 0.0, 0.0, int(cfg.engine.threads or 1), device, device_type(device))
 
 
 def _resources(cfg: GenerateConfig) -> Resources:
@@ -216,6 +297,8 @@ def _resources(cfg: GenerateConfig) -> Resources:
         UserError: more actors than the cluster can place (they would never start), or GPUs the cluster lacks.
     """
     import ray
+
+    from .cost import device_type
 
     res = ray.cluster_resources()
     cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
@@ -232,7 +315,7 @@ def _resources(cfg: GenerateConfig) -> Resources:
             )
         cpa = max(1.0, min(4.0, cpus / n))
         threads = int(cfg.engine.threads or cpa)
-        return Resources(n, cpa, gpa, threads, "cuda")
+        return Resources(n, cpa, gpa, threads, "cuda", device_type("cuda", res))
     # One single-threaded actor per CPU: measured faster than fewer actors with more threads each
     # (jobs/benchmark_ray.py: 2 actors x 1 thread beat 1 actor x 2 threads by 1.4x on 2 CPUs). Threads stay 1 unless
     # --threads says otherwise, whatever --num-actors is: a CPU matmul may split its sums across threads, so the thread
@@ -328,18 +411,31 @@ def check_job(cfg: GenerateConfig) -> CheckedJob:
         raise UserError(f"--output {cfg.output!r} is a file; pass a folder (new, or one a generate run wrote)")
     checked = CheckedJob(None, "", staging=tempfile.TemporaryDirectory(prefix="aitextgen-batch-inputs-"))
     try:
-        checked.inputs = validate_inputs(cfg.input, cfg.columns, Path(checked.staging.name))
+        stage = None
+        if cfg.input_format == "openai-batch":
+            from .openai_batch.requests import served_model_names, stage_requests
+
+            names = served_model_names(cfg.engine.model, cfg.served_model_name)
+            checked.requests = RequestSpec(names, cfg.ignore_model_name)
+            stage = functools.partial(stage_requests, spec=checked.requests, base=cfg.sampling)
+        checked.inputs = validate_inputs(cfg.input, cfg.columns, Path(checked.staging.name), stage)
         check_output_apart(cfg.output, cfg.input, checked.inputs)
         e = cfg.engine
         facts = inspect_source(e.model, e.tokenizer, e.trust_remote_code, e.allow_pickle)
         checked.fingerprint = facts.fingerprint
         checked.config, checked.parameters = facts.config, facts.parameters
-        if cfg.chat or cfg.messages_column:
-            renderer = ChatRenderer(facts.tokenizer, cfg.chat_template, cfg.system_prompt)
+        chat_requests = _chat_requests(checked) if checked.requests else 0
+        if cfg.chat or cfg.messages_column or chat_requests:
+            try:
+                renderer = ChatRenderer(facts.tokenizer, cfg.chat_template, cfg.system_prompt)
+            except UserError as exc:
+                if not chat_requests:
+                    raise
+                raise UserError(f"{cfg.input}: {chat_requests} request(s) are chat completions, but {exc}") from None
             refused = renderer.refuses_every_row(every_row_is_one_user_message=cfg.chat)
             if refused:
                 raise UserError(refused)
-            mode = "messages" if cfg.messages_column else "prompt"
+            mode = "messages" if cfg.messages_column else "requests" if chat_requests else "prompt"
             checked.chat = ChatSpec(mode, renderer.template_sha256, cfg.system_prompt)
             checked.chat_template = renderer.template
         room = room_error(cfg.sampling.max_new_tokens, facts.context_length)
@@ -354,6 +450,14 @@ def check_job(cfg: GenerateConfig) -> CheckedJob:
     return checked
 
 
+def _chat_requests(checked: CheckedJob) -> int:
+    """How many requests of an OpenAI batch file are chat completions (rows with messages)."""
+    import pyarrow.parquet as pq
+
+    messages = pq.read_table(checked.inputs.parquet(0), columns=["messages"]).column(0)
+    return len(messages) - messages.null_count
+
+
 def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> JobSpec:
     import pyarrow as pa
 
@@ -362,7 +466,7 @@ def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> 
 
     inputs = checked.inputs
     columns = cfg.columns
-    columns.id = cfg.id_column if inputs.has_id else None
+    columns.id = columns.id if inputs.has_id else None
     identity = Identity(
         model_fingerprint=checked.fingerprint,
         sampling=to_dict(cfg.sampling),
@@ -374,8 +478,11 @@ def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> 
         chat=checked.chat,
         logprobs=cfg.logprobs,
         return_tokens=cfg.return_tokens,
+        requests=checked.requests,
+        top_logprobs=cfg.logprob_columns[0],
+        prompt_logprobs=cfg.logprob_columns[1],
     )
-    keep = pa.schema([pa.field(c, inputs.types[c]) for c in cfg.keep_columns])
+    keep = pa.schema([pa.field(c, inputs.types[c]) for c in columns.keep])
     out = Location(cfg.output)
     # Actors read a JSONL input's Parquet copy from OUT/_inputs/ (copied there once OUT is known to be this job's).
     files = [
@@ -466,6 +573,7 @@ class _Outcome:
 
 
 def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
+    from .cost import Meter
     from .progress import JobProgress
     from .runner import run_shards, run_shards_here, start_actors, stop_actors
 
@@ -474,6 +582,8 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
     numerics = _numerics(cfg, res.device, checked.parameters)
     check_kv_memory(cfg, checked, numerics, res.num_actors)
     job = _build_job(cfg, checked, numerics)
+    meter = Meter(Session(started=t0, device=res.device_type))
+    job.sessions.append(meter.session)
     out = Location(job.output)
     pending, skipped, records = _prepare_output(cfg, job, out, t0, checked.inputs.staged)
     outcome = _Outcome(records, {}, skipped, 0)
@@ -482,13 +592,17 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
     actors: list = []
     options = {**engine_options(job.model, job.identity.engine), "refill": cfg.engine.refill}
     try:
+        if pending:
+            n = 1 if cfg.in_process else min(res.num_actors, len(pending))
+            meter.start(dataclasses.replace(res, num_actors=n).devices)
         if pending and not cfg.in_process:
-            n = min(res.num_actors, len(pending))
             actors = start_actors(options, n, res.cpus_per_actor, res.gpus_per_actor, res.threads)
 
         def done(rec: DoneRecord) -> None:
             records[rec.shard] = rec
             progress.shard_done(rec)
+            if meter.due():  # a killed run's devices count too
+                mf.write_job(out, job)
 
         def fail(shard: int, err: str) -> None:
             outcome.failed[shard] = err
@@ -505,7 +619,8 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
                 outcome.actor_restarts, outcome.retries = stats.actor_restarts, stats.retries
     finally:
         stop_actors(actors)
-    return _finish(job, out, outcome, t0, progress)
+        meter.stop()
+    return _finish(job, out, outcome, t0, progress, cfg.price_per_hour)
 
 
 def _prepare_output(
@@ -543,6 +658,7 @@ def _prepare_output(
             old = None
     if old is not None:
         job.created = old.created or t0
+        job.sessions = old.sessions + job.sessions
     out.mkdir()
     cleaned = mf.clean_tmp(out)
     if cleaned:
@@ -564,8 +680,13 @@ def _prepare_output(
     return pending, len(job.shards) - len(pending), records
 
 
-def _finish(job: JobSpec, out: Location, outcome: _Outcome, t0: float, progress) -> JobSummary:
-    """Record each shard's state and the summary in `_job.json`; a job whose every row failed is not complete."""
+def _finish(
+    job: JobSpec, out: Location, outcome: _Outcome, t0: float, progress, price_per_hour: float | None = None
+) -> JobSummary:
+    """Record each shard's state and the summary (with what the job cost, over all its runs) in `_job.json`; a job
+    whose every row failed is not complete."""
+    from .cost import summary_fields
+
     records, failed = outcome.records, outcome.failed
     for s in job.shards:
         rec = records.get(s.shard)
@@ -574,6 +695,7 @@ def _finish(job: JobSpec, out: Location, outcome: _Outcome, t0: float, progress)
             s.rows_out, s.tokens, s.errors, s.seconds = rec.rows_out, rec.tokens, rec.errors, rec.seconds
         s.error = failed.get(s.shard)
     done = [r for r in records.values() if r]
+    tokens = sum(r.tokens for r in done)
     summary = JobSummary(
         status="incomplete",
         output=out.uri,
@@ -583,12 +705,14 @@ def _finish(job: JobSpec, out: Location, outcome: _Outcome, t0: float, progress)
         shards_failed=len(failed),
         rows=sum(r.rows_out for r in done),
         error_rows=sum(r.errors for r in done),
-        tokens=sum(r.tokens for r in done),
+        tokens=tokens,
+        prompt_tokens=sum(r.prompt_tokens or 0 for r in done),
         tokens_per_second=round(progress.session_tokens / max(progress.elapsed, 1e-9), 1),
         seconds=round(time.time() - t0, 2),
         actors=outcome.actors,
         actor_restarts=outcome.actor_restarts,
         retries=outcome.retries,
+        **summary_fields(job.sessions, tokens, price_per_hour),
         failed={str(k): v for k, v in failed.items()},
     )
     if len(done) == len(job.shards):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +61,17 @@ def _flags(columns: Columns) -> dict[str, str]:
         named[columns.params] = "--params-column"
     if columns.messages:
         named[columns.messages] = "--messages-column"
-    else:
+    # OpenAI requests have both: a chat request its messages, a completion its prompt
+    if not columns.messages or columns.error:
         named[columns.prompt] = "--prompt-column"
+    if columns.error:
+        named[columns.error] = "--input-format"
     return named
 
 
-def validate_inputs(spec: str, columns: Columns, staging: Path | None = None) -> InputCheck:
+def validate_inputs(
+    spec: str, columns: Columns, staging: Path | None = None, stage_requests: Callable | None = None
+) -> InputCheck:
     """Check every file before anything starts.
 
     Checks: at least one file and one row; readable Parquet, or JSONL whose every line is an object with values of
@@ -72,6 +79,8 @@ def validate_inputs(spec: str, columns: Columns, staging: Path | None = None) ->
     the messages column holds chat messages, the params column sampling fields) and it, the seed and the kept
     columns exist in every file with one type; ids are valid and unique across all files. Ids are checked through
     8-byte digests so the driver's memory holds 8 bytes per row, not the ids themselves.
+
+    `stage_requests(path, dest)`: the input is one OpenAI batch file, read and staged by it (`openai_batch.requests`).
 
     Raises:
         UserError: naming the file (and row or line) at fault and the flag to change.
@@ -86,6 +95,11 @@ def validate_inputs(spec: str, columns: Columns, staging: Path | None = None) ->
             f"--input {spec!r} matches no Parquet files and no JSONL files (a folder is searched for *.parquet and "
             "*.jsonl; a glob must match files): check the path or pattern"
         )
+    if stage_requests is not None and (len(paths) != 1 or not is_jsonl(paths[0])):
+        raise UserError(
+            f"--input {spec!r}: --input-format openai-batch reads one request file (.jsonl, one request per line), "
+            f"got {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}; pass one file"
+        )
     id_column = columns.id
     files: list[InputFile] = []
     staged: dict[int, str] = {}
@@ -98,7 +112,7 @@ def validate_inputs(spec: str, columns: Columns, staging: Path | None = None) ->
             if staging is None:
                 raise UserError(f"{path}: JSONL input needs a staging folder (pass `staging`)")
             read = str(staging / f"{len(files):05d}.parquet")
-            stage_jsonl(path, Path(read), columns)
+            (stage_requests or partial(stage_jsonl, columns=columns))(path, Path(read))
             staged[len(files)] = read
         pf = _open(read, path)
         schema = pf.schema_arrow

@@ -77,8 +77,10 @@ class Numerics:
 
 @dataclass
 class Columns:
-    """Input column names: prompt, id (None: ids derive from file and row), seed (None: derived), kept columns, chat
-    messages (None: the prompt column is read) and per-row sampling params (None: the job's for every row)."""
+    """Input column names: prompt, id (None: ids derive from file and row), seed (None: derived; a null seed is derived
+    too), kept columns, chat messages (None: the prompt column is read) and per-row sampling params (None: the job's
+    for every row), and `error`: a column whose text, where not null, makes the row an error row (the requests of an
+    OpenAI batch file that cannot be served: `openai_batch.requests`)."""
 
     prompt: str
     id: str | None
@@ -86,16 +88,27 @@ class Columns:
     keep: list[str]
     messages: str | None = None
     params: str | None = None
+    error: str | None = None
 
 
 @dataclass
 class ChatSpec:
-    """How chat rows are rendered: `mode` is "messages" (the messages column) or "prompt" (`--chat`: the prompt as one
-    user message); the template (by its sha256; `JobSpec.chat_template` holds its text) and the system prompt."""
+    """How chat rows are rendered: `mode` is "messages" (the messages column), "prompt" (`--chat`: the prompt as one
+    user message) or "requests" (an OpenAI batch file: a row with messages is rendered, a row with a prompt is taken
+    as it is); the template (by its sha256; `JobSpec.chat_template` holds its text) and the system prompt."""
 
     mode: str
     template_sha256: str
     system_prompt: str | None = None
+
+
+@dataclass
+class RequestSpec:
+    """How the requests of an OpenAI batch file are read (`--input-format openai-batch`): the model names a request's
+    `model` may give (the first is the one responses report), or any name with `ignore_model_name`."""
+
+    served_model_names: list[str]
+    ignore_model_name: bool = False
 
 
 @dataclass
@@ -112,6 +125,9 @@ class Identity:
     chat: ChatSpec | None = None
     logprobs: bool = False  # the output has cumulative_logprob
     return_tokens: bool = False  # the output has token_ids and token_logprobs
+    requests: RequestSpec | None = None  # the input is an OpenAI batch file
+    top_logprobs: bool = False  # the output has top_logprobs (--top-logprobs, or per-row params: a row may ask)
+    prompt_logprobs: bool = False  # the output has prompt_logprobs (--prompt-logprobs, or per-row params)
 
 
 @dataclass
@@ -148,6 +164,7 @@ class DoneRecord:
     # torch's CPU threads while the shard ran: a CPU matmul splits its sums by thread count, so the rows' logits (and
     # log-probabilities) are reproduced exactly with this count (None: not recorded, by an older version)
     threads: int | None = None
+    prompt_tokens: int | None = None  # the prompt tokens of its generated rows (each sample's); None: older records
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -155,6 +172,18 @@ class DoneRecord:
     @classmethod
     def from_json(cls, data: dict) -> DoneRecord:
         return cls(**data)
+
+
+@dataclass
+class Session:
+    """One run of the job's driver (a rerun that resumes is another session) and the devices it held: what the job
+    cost. Written with `_job.json` at the start, as shards finish and at the end, so a killed run's time counts too."""
+
+    started: float
+    seconds: float = 0.0  # wall time so far
+    device: str = "cpu"  # the device type: "cpu", or "cuda" with the accelerator type when known ("cuda:H100")
+    devices: float = 0.0  # devices held: actors x GPUs each (CPU jobs: actors x CPU cores each)
+    device_seconds: float = 0.0  # devices x the seconds they were held (model loading and idle time included)
 
 
 @dataclass
@@ -176,6 +205,7 @@ class JobSpec:
     summary: dict | None = None
     failed: dict[str, str] = field(default_factory=dict)
     chat_template: str | None = None  # the chat template's text (actors render with exactly this)
+    sessions: list[Session] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -192,6 +222,8 @@ class JobSpec:
         ident["engine"] = Numerics(**ident["engine"])
         if ident.get("chat") is not None:
             ident["chat"] = ChatSpec(**ident["chat"])
+        if ident.get("requests") is not None:
+            ident["requests"] = RequestSpec(**ident["requests"])
         return cls(
             **{
                 **data,
@@ -199,6 +231,7 @@ class JobSpec:
                 "model": ModelSpec(**data["model"]),
                 "files": [InputFile(**f) for f in data["files"]],
                 "shards": [ShardPlan(**s) for s in data["shards"]],
+                "sessions": [Session(**s) for s in data.get("sessions", [])],
             }
         )
 

@@ -2,6 +2,8 @@
 
 The prompt is the row's prompt column, or, for a chat job, its conversation rendered with the job's template (the
 rendered text is what is generated from and what the output's `prompt` column holds, so replay needs no template).
+The requests of an OpenAI batch file have one or the other: a chat request its messages, a completion its prompt; a
+request that cannot be served has its reason in the error column and is an error row.
 The params are the job's, with the row's `--params-column` values over them: a struct, or JSON text of an object;
 a null row, or a null field, keeps the job's value. Every value is checked with the rules of its flag.
 """
@@ -78,9 +80,15 @@ def prepare_rows(job: JobSpec, table, origins: list[str], tokenizer) -> RowWork:
     ident = job.identity
     cols, chat = ident.columns, ident.chat
     base = SamplingParams(**ident.sampling)
-    source = cols.messages if chat is not None and chat.mode == "messages" else cols.prompt
+    mode = chat.mode if chat is not None else None
+    source = cols.messages if mode == "messages" else cols.prompt
     raw, errors = decode_column(table.column(source), origins, "messages" if source == cols.messages else "prompt")
     n = len(raw)
+    messages = [None] * n
+    if mode == "requests":  # a chat request's messages, a completion's prompt
+        messages, bad = decode_column(table.column(cols.messages), origins, "messages")
+        errors.update(bad)
+    refused = decode_column(table.column(cols.error), origins, "the error")[0] if cols.error else [None] * n
     values, bad = [None] * n, {}
     if cols.params:
         values, bad = decode_column(table.column(cols.params), origins, f"--params-column {cols.params!r}")
@@ -92,8 +100,16 @@ def prepare_rows(job: JobSpec, table, origins: list[str], tokenizer) -> RowWork:
     prompts: list = [None] * n
     params: list = [base] * n
     for r in range(n):
+        if refused[r] is not None:  # a request that cannot be served: never generated
+            prompts[r], params[r], errors[r] = None, None, refused[r]
+            continue
         try:
-            prompts[r], err = (None, errors[r]) if r in errors else _prompt(raw[r], chat, renderer)
+            if r in errors:
+                prompts[r], err = None, errors[r]
+            elif messages[r] is not None:
+                prompts[r], err = _prompt(messages[r], "messages", renderer)
+            else:
+                prompts[r], err = _prompt(raw[r], None if mode == "requests" else mode, renderer)
             if cols.params:
                 params[r], perr = (None, bad[r]) if r in bad else row_params(base, values[r], cols.params)
                 err = err or perr
@@ -105,11 +121,12 @@ def prepare_rows(job: JobSpec, table, origins: list[str], tokenizer) -> RowWork:
     return RowWork(prompts, params, errors)
 
 
-def _prompt(value, chat, renderer) -> tuple[str | None, str | None]:
-    """A row's prompt text from its prompt or messages value, or (the text kept in the output, its error)."""
-    if chat is None:
+def _prompt(value, mode: str | None, renderer) -> tuple[str | None, str | None]:
+    """A row's prompt text from its prompt (`mode` None: as it is; "prompt": as one user message) or its messages
+    ("messages"), or (the text kept in the output, its error)."""
+    if mode is None:
         return value, prompt_error(value)
-    if chat.mode == "messages":
+    if mode == "messages":
         messages, err = _json(value, "messages")
         text, err = (None, err) if err else renderer.render(messages)
         return text, err or prompt_error(text)

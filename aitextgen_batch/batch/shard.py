@@ -34,11 +34,30 @@ BASE_FIELDS = [
 PARAMS_FIELD = "params"  # with --params-column: each row's effective SamplingParams, as JSON
 LOGPROB_FIELDS = ["cumulative_logprob"]  # with --logprobs
 TOKEN_FIELDS = ["token_ids", "token_logprobs"]  # with --return-tokens
+TOP_FIELD = "top_logprobs"  # with --top-logprobs K (or per-row params, where a row may ask)
+PROMPT_FIELD = "prompt_logprobs"  # with --prompt-logprobs (or per-row params)
 
 
-def optional_fields(params: bool, logprobs: bool, return_tokens: bool) -> list[str]:
-    """The output columns a job has beyond BASE_FIELDS, in order."""
-    return [PARAMS_FIELD] * params + LOGPROB_FIELDS * logprobs + TOKEN_FIELDS * return_tokens
+def optional_fields(
+    params: bool, logprobs: bool, return_tokens: bool, top_logprobs: bool = False, prompt_logprobs: bool = False
+) -> list[str]:
+    """The output columns a job has beyond BASE_FIELDS, in order (a job with per-row params has the top and prompt
+    log-probability columns whatever its flags say, since any row may ask: `GenerateConfig.logprob_columns`)."""
+    return (
+        [PARAMS_FIELD] * params
+        + LOGPROB_FIELDS * logprobs
+        + TOKEN_FIELDS * return_tokens
+        + [TOP_FIELD] * top_logprobs
+        + [PROMPT_FIELD] * prompt_logprobs
+    )
+
+
+def job_fields(ident) -> list[str]:
+    """`optional_fields` of a job's identity: the columns it recorded (a job of an earlier version has no top or prompt
+    log-probabilities, and is resumed without them)."""
+    return optional_fields(
+        bool(ident.columns.params), ident.logprobs, ident.return_tokens, ident.top_logprobs, ident.prompt_logprobs
+    )
 
 
 def output_schema(job: JobSpec):
@@ -51,13 +70,12 @@ def output_schema(job: JobSpec):
         "cumulative_logprob": pa.float64(),
         "token_ids": pa.list_(pa.int32()),
         "token_logprobs": pa.list_(pa.float32()),
+        TOP_FIELD: pa.list_(pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())]))),
+        PROMPT_FIELD: pa.list_(pa.float32()),
     }
     fields = [pa.field("id", pa.int64() if job.id_type == "int" else pa.string(), nullable=False)]
     fields += [pa.field(name, getattr(pa, t)()) for name, t in BASE_FIELDS]
-    fields += [
-        pa.field(name, types[name])
-        for name in optional_fields(bool(ident.columns.params), ident.logprobs, ident.return_tokens)
-    ]
+    fields += [pa.field(name, types[name]) for name in job_fields(ident)]
     kept = keep_schema(job)
     fields += [kept.field(c) for c in ident.columns.keep]
     return pa.schema(fields, metadata={"aitextgen_batch.fingerprint": ident.model_fingerprint})
@@ -70,6 +88,13 @@ def keep_schema(job: JobSpec):
     import pyarrow as pa
 
     return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(job.keep_schema)))
+
+
+def source_columns(job: JobSpec) -> list[str]:
+    """The columns a row's prompt comes from: its prompt, its messages, or both (OpenAI requests: one or the other)."""
+    cols, chat = job.identity.columns, job.identity.chat
+    mode = chat.mode if chat is not None else None
+    return {"messages": [cols.messages], "requests": [cols.prompt, cols.messages]}.get(mode, [cols.prompt])
 
 
 @dataclass
@@ -86,9 +111,9 @@ def read_rows(job: JobSpec, shard: ShardPlan) -> ShardRows:
     import pyarrow as pa
 
     cols = job.identity.columns
-    source = cols.messages if job.identity.chat is not None and job.identity.chat.mode == "messages" else cols.prompt
-    wanted = [source] + ([cols.id] if job.has_id else []) + ([cols.seed] if cols.seed else [])
-    wanted += [c for c in [cols.params, *cols.keep] if c and c not in wanted]
+    wanted = source_columns(job)
+    wanted += ([cols.id] if job.has_id else []) + ([cols.seed] if cols.seed else [])
+    wanted += [c for c in [cols.params, cols.error, *cols.keep] if c and c not in wanted]
     tables, origins, derived = [], [], []
     for fi, start, end in shard.segments:
         f = job.files[fi]
@@ -133,12 +158,12 @@ def _prepare(engine, job: JobSpec, shard_index: int) -> _Prepared:
     items, errors = [], {}
     for r in range(job.shards[shard_index].rows):
         err = work.errors.get(r)
-        col_seed = seeds_col[r] if seeds_col is not None else None
-        if err is None and seeds_col is not None and (col_seed is None or not 0 <= col_seed <= SEED_MAX):
+        col_seed = seeds_col[r] if seeds_col is not None else None  # a null seed derives from the job seed and id
+        if err is None and col_seed is not None and not 0 <= col_seed <= SEED_MAX:
             err = f"seed must be an integer in [0, 2**63-1], got {col_seed!r}"
         p = work.params[r]
         for k in range(p.num_return_sequences if p is not None else job_k):
-            if seeds_col is not None:
+            if col_seed is not None:
                 seed = sample_seed(col_seed, k) if err is None else 0
             else:
                 seed = derive_seed(job.identity.job_seed, rows.ids[r], k)
@@ -217,9 +242,9 @@ def _write(job: JobSpec, sh: _Prepared, by_item: dict, seconds: float) -> DoneRe
     ident = job.identity
     cols = ident.columns
     rows, work, items, errors = sh.rows, sh.work, sh.items, sh.errors
-    extra = optional_fields(bool(cols.params), ident.logprobs, ident.return_tokens)
+    extra = job_fields(ident)
     data: dict[str, list] = {name: [] for name in ["id"] + [f for f, _ in BASE_FIELDS] + extra}
-    tokens = n_err = 0
+    tokens = prompt_tokens = n_err = 0
     first_error = None
     params_json: dict[int, str] = {}
     for i, (r, k, seed) in enumerate(items):
@@ -244,11 +269,12 @@ def _write(job: JobSpec, sh: _Prepared, by_item: dict, seconds: float) -> DoneRe
             data["finish_reason"].append("error")
             data["error"].append(_text(message))
             data["valid"].append(None)
-            for name in LOGPROB_FIELDS + TOKEN_FIELDS:
-                if name in data:
+            for name in extra:
+                if name != PARAMS_FIELD:
                     data[name].append(None)
         else:
             tokens += res.num_generated_tokens
+            prompt_tokens += res.num_prompt_tokens
             data["text"].append(res.text)
             data["num_prompt_tokens"].append(res.num_prompt_tokens)
             data["num_generated_tokens"].append(res.num_generated_tokens)
@@ -282,6 +308,7 @@ def _write(job: JobSpec, sh: _Prepared, by_item: dict, seconds: float) -> DoneRe
         sha256=hashlib.sha256(blob).hexdigest(),
         first_error=first_error,
         threads=torch.get_num_threads(),
+        prompt_tokens=prompt_tokens,
     )
     write_done(out, record)
     return record
@@ -295,11 +322,25 @@ def _text(value: str | None) -> str | None:
 
 
 def logprob_values(res) -> dict:
-    """A result's log-probability columns. `token_ids` are the generated tokens with the final eos when the row
-    ended with one, as `GenerationResult.token_ids`: `token_ids`, `token_logprobs` and `num_generated_tokens` have
-    one length."""
+    """A result's log-probability columns, as stored. `token_ids` are the generated tokens with the final eos when the
+    row ended with one, as `GenerationResult.token_ids`: `token_ids`, `token_logprobs`, `num_generated_tokens` and
+    `top_logprobs` (per position, the K most likely tokens, best first) have one length. A row that did not ask for
+    top or prompt log-probabilities holds null there. Log-probabilities are stored as float32, as here."""
+    import numpy as np
+
+    top = None
+    if res.top_logprobs:
+        top = [
+            [{"token_id": t, "logprob": v} for t, v in zip(ids, np.asarray(lps, np.float32).tolist(), strict=True)]
+            for ids, lps in ([[t for t, _ in pos], [v for _, v in pos]] for pos in res.top_logprobs)
+        ]
+    prompt = None
+    if res.prompt_logprobs:
+        prompt = [None] + np.asarray(res.prompt_logprobs[1:], np.float32).tolist()
     return {
         "cumulative_logprob": res.cumulative_logprob,
         "token_ids": res.token_ids,
-        "token_logprobs": res.token_logprobs,
+        "token_logprobs": np.asarray(res.token_logprobs, np.float32).tolist(),
+        TOP_FIELD: top,
+        PROMPT_FIELD: prompt,
     }

@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..storage import Location
 from . import manifest as mf
 from .manifest import JobSpec
-from .shard import LOGPROB_FIELDS, PARAMS_FIELD, TOKEN_FIELDS, logprob_values
+from .shard import PARAMS_FIELD, logprob_values
 
 MAX_SAMPLE = 1_000_000
 
@@ -79,9 +79,7 @@ def regenerate(engine, job: JobSpec, rows: list[dict], threads: list[int | None]
 
 def same(row: dict, res) -> bool:
     """The stored row and a re-generated result agree byte for byte: text, finish, token count, and the
-    log-probability columns the row has (token_logprobs as stored, in float32)."""
-    import numpy as np
-
+    log-probability columns the row has (token, top and prompt log-probabilities as stored, in float32)."""
     if not (
         row["text"].encode() == res.text.encode()
         and row["finish_reason"] == res.finish_reason
@@ -89,9 +87,7 @@ def same(row: dict, res) -> bool:
         and row.get("valid", res.valid) == res.valid
     ):
         return False
-    got = logprob_values(res)
-    got["token_logprobs"] = np.asarray(got["token_logprobs"], np.float32).tolist()
-    return all(row[name] == got[name] for name in LOGPROB_FIELDS + TOKEN_FIELDS if name in row)
+    return all(row[name] == value for name, value in logprob_values(res).items() if name in row)
 
 
 @dataclass
