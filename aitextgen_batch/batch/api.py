@@ -597,6 +597,8 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
             meter.start(dataclasses.replace(res, num_actors=n).devices)
         if pending and not cfg.in_process:
             actors = start_actors(options, n, res.cpus_per_actor, res.gpus_per_actor, res.threads)
+            meter.update()  # the devices held while the actors loaded count even if this run is killed next
+            mf.write_job(out, job)
 
         def done(rec: DoneRecord) -> None:
             records[rec.shard] = rec
