@@ -13,8 +13,8 @@ import torch
 
 from aitextgen_batch.errors import UserError
 from aitextgen_batch.generation import Engine, SamplingParams, derive_seed, sample_seed
+from aitextgen_batch.generation.reference_sampler import choose_tokens, softmax_reference
 from aitextgen_batch.generation.sampler import RowParams, SamplerShape, sample
-from aitextgen_batch.generation.sampling import choose_tokens, softmax_reference
 from aitextgen_batch.generation.seeds import MASK64, stream_key, to_signed64, uniform, uniform_tensor
 from tests.conftest import WORDS, argmax_reference
 

@@ -3,7 +3,6 @@ exactly once."""
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import functools
 import logging
@@ -158,7 +157,7 @@ class GenerateConfig:
         chat_input = self.chat or self.messages_column is not None or self.input_format == "openai-batch"
         for name in ("system_prompt", "chat_template"):
             check(chat_input or getattr(self, name) is None, name, "is for chat input: add --chat or --messages-column")
-        from .shard import BASE_FIELDS, optional_fields
+        from .schema import BASE_FIELDS, optional_fields
 
         reserved = {"id"} | {name for name, _ in BASE_FIELDS}
         reserved |= set(
@@ -463,6 +462,7 @@ def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> 
 
     from ..models.provenance import package_versions
     from .plan import plan_shards
+    from .schema import encode_keep_schema
 
     inputs = checked.inputs
     columns = cfg.columns
@@ -496,7 +496,7 @@ def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> 
         files=files,
         has_id=inputs.has_id,
         id_type=inputs.id_type,
-        keep_schema=base64.b64encode(keep.serialize().to_pybytes()).decode(),
+        keep_schema=encode_keep_schema(keep),
         shards=plan_shards(inputs.files, cfg.shard_rows),
         versions=package_versions(),
         chat_template=checked.chat_template,

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..errors import first_line
 from .manifest import DoneRecord, JobSpec
 
 STARTUP_TIMEOUT_S = 1800.0  # no actor up after this long (model load included): the cluster cannot place them
@@ -260,10 +261,10 @@ def run_shards(
                             ask_again[a] = time.monotonic() + RESTART_POLL_S
                             continue
                         del restarting[a]
-                        dead[a] = f"actor {a} did not come back within {restart_timeout:.0f} s: {_first_line(exc)}"
+                        dead[a] = f"actor {a} did not come back within {restart_timeout:.0f} s: {first_line(exc)}"
                     else:  # the constructor raised: the model did not load, and will not on a retry
                         restarting.pop(a, None)
-                        dead[a] = f"actor failed to start: {_first_line(exc)}"
+                        dead[a] = f"actor failed to start: {first_line(exc)}"
                     note(f"dropping actor {a}: {dead[a]}")
                     continue
                 up.add(a)
@@ -282,16 +283,16 @@ def run_shards(
                 stats.actor_restarts += 1
                 restarting[a] = time.monotonic()
                 starting[actors[a].ready.remote()] = a  # work again once it is back
-                error = f"actor died while generating: {_first_line(exc)}"
+                error = f"actor died while generating: {first_line(exc)}"
                 shards = ", ".join(map(str, group))
                 note(
-                    f"actor {a} died while generating shard(s) {shards} ({_first_line(exc)[:120]}); Ray is restarting "
+                    f"actor {a} died while generating shard(s) {shards} ({first_line(exc)[:120]}); Ray is restarting "
                     f"it (waiting up to {restart_timeout:.0f} s for it); each shard is retried unless it failed "
                     "--max-shard-attempts times"
                 )
             except RayTaskError as exc:
                 idle.append(a)
-                error = _first_line(exc.cause if getattr(exc, "cause", None) else exc)
+                error = first_line(exc.cause if getattr(exc, "cause", None) else exc)
             queue.group_failed(group, error)
     return stats
 
@@ -325,7 +326,7 @@ def run_shards_here(
             # retried, then failed with the cause in the message (rows' own errors never get here, they are error
             # rows; a shard's own input or output failure is its `ShardFailure`). Ctrl-C (not an Exception) stops.
             except Exception as exc:
-                queue.group_failed(group, _first_line(exc))
+                queue.group_failed(group, first_line(exc))
                 continue
             queue.finished(outcomes)
     return stats
@@ -335,10 +336,3 @@ def _build_engine(engine_options: dict):
     from ..generation.options import EngineConfig
 
     return EngineConfig(**engine_options).build()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    # Ray wraps the remote traceback: its last line is the original exception.
-    return (lines[-1] if lines else type(exc).__name__)[:500]

@@ -15,79 +15,12 @@ import time
 from dataclasses import dataclass
 
 from ..config import to_dict, unicode_error
+from ..errors import first_line
 from ..generation.seeds import SEED_MAX, derive_seed, sample_seed
 from ..storage import Location, open_parquet
 from .manifest import DoneRecord, JobSpec, ShardPlan, part_name, write_done
 from .rows import RowWork, prepare_rows
-
-BASE_FIELDS = [
-    ("sample_index", "int32"),
-    ("prompt", "string"),
-    ("seed", "int64"),
-    ("text", "string"),
-    ("num_prompt_tokens", "int32"),
-    ("num_generated_tokens", "int32"),
-    ("finish_reason", "string"),
-    ("error", "string"),
-    ("valid", "bool_"),  # structured output: the text satisfies the row's constraint (null without one)
-]
-PARAMS_FIELD = "params"  # with --params-column: each row's effective SamplingParams, as JSON
-LOGPROB_FIELDS = ["cumulative_logprob"]  # with --logprobs
-TOKEN_FIELDS = ["token_ids", "token_logprobs"]  # with --return-tokens
-TOP_FIELD = "top_logprobs"  # with --top-logprobs K (or per-row params, where a row may ask)
-PROMPT_FIELD = "prompt_logprobs"  # with --prompt-logprobs (or per-row params)
-
-
-def optional_fields(
-    params: bool, logprobs: bool, return_tokens: bool, top_logprobs: bool = False, prompt_logprobs: bool = False
-) -> list[str]:
-    """The output columns a job has beyond BASE_FIELDS, in order (a job with per-row params has the top and prompt
-    log-probability columns whatever its flags say, since any row may ask: `GenerateConfig.logprob_columns`)."""
-    return (
-        [PARAMS_FIELD] * params
-        + LOGPROB_FIELDS * logprobs
-        + TOKEN_FIELDS * return_tokens
-        + [TOP_FIELD] * top_logprobs
-        + [PROMPT_FIELD] * prompt_logprobs
-    )
-
-
-def job_fields(ident) -> list[str]:
-    """`optional_fields` of a job's identity: the columns it recorded (a job of an earlier version has no top or prompt
-    log-probabilities, and is resumed without them)."""
-    return optional_fields(
-        bool(ident.columns.params), ident.logprobs, ident.return_tokens, ident.top_logprobs, ident.prompt_logprobs
-    )
-
-
-def output_schema(job: JobSpec):
-    """The explicit schema of every result shard: id, the generation fields, the optional ones, the kept columns."""
-    import pyarrow as pa
-
-    ident = job.identity
-    types = {
-        PARAMS_FIELD: pa.string(),
-        "cumulative_logprob": pa.float64(),
-        "token_ids": pa.list_(pa.int32()),
-        "token_logprobs": pa.list_(pa.float32()),
-        TOP_FIELD: pa.list_(pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())]))),
-        PROMPT_FIELD: pa.list_(pa.float32()),
-    }
-    fields = [pa.field("id", pa.int64() if job.id_type == "int" else pa.string(), nullable=False)]
-    fields += [pa.field(name, getattr(pa, t)()) for name, t in BASE_FIELDS]
-    fields += [pa.field(name, types[name]) for name in job_fields(ident)]
-    kept = keep_schema(job)
-    fields += [kept.field(c) for c in ident.columns.keep]
-    return pa.schema(fields, metadata={"aitextgen_batch.fingerprint": ident.model_fingerprint})
-
-
-def keep_schema(job: JobSpec):
-    """The input types of the kept columns, stored in the manifest as a serialized Arrow schema."""
-    import base64
-
-    import pyarrow as pa
-
-    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(job.keep_schema)))
+from .schema import BASE_FIELDS, PARAMS_FIELD, PROMPT_FIELD, TOP_FIELD, job_fields, output_schema
 
 
 def source_columns(job: JobSpec) -> list[str]:
@@ -208,7 +141,7 @@ def run_shards(engine, job: JobSpec, shard_indices: list[int], batch_size: int) 
         try:
             shards.append(_prepare(engine, job, s))
         except Exception as exc:  # this shard's own input: the others run
-            outcomes[s] = ShardFailure(s, _first_line(exc))
+            outcomes[s] = ShardFailure(s, first_line(exc))
     todo = [(sh, i) for sh in shards for i in range(len(sh.items)) if i not in sh.errors]
     results = engine.generate(
         [sh.work.prompts[sh.items[i][0]] for sh, i in todo],
@@ -223,13 +156,8 @@ def run_shards(engine, job: JobSpec, shard_indices: list[int], batch_size: int) 
         try:
             outcomes[sh.index] = _write(job, sh, by_item, seconds * max(1, len(sh.items)) / total)
         except Exception as exc:
-            outcomes[sh.index] = ShardFailure(sh.index, _first_line(exc))
+            outcomes[sh.index] = ShardFailure(sh.index, first_line(exc))
     return [outcomes[s] for s in shard_indices]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(exc).__name__)[:500]
 
 
 def _write(job: JobSpec, sh: _Prepared, by_item: dict, seconds: float) -> DoneRecord:

@@ -12,7 +12,8 @@ from ..errors import UserError
 from ..storage import Location
 from . import manifest as mf
 from .manifest import JobSpec
-from .shard import PARAMS_FIELD, logprob_values
+from .schema import PARAMS_FIELD
+from .shard import logprob_values
 
 MAX_SAMPLE = 1_000_000
 

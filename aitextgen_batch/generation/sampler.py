@@ -1,6 +1,6 @@
-"""Token choice on the model's device: the law of `sampling.choose_tokens`, with no host round trip.
+"""Token choice on the model's device: the law of `reference_sampler.choose_tokens`, with no host round trip.
 
-`sampling.choose_tokens` (numpy, float64, row by row) stays the reference the tests compare this law
+`reference_sampler.choose_tokens` (numpy, float64, row by row) stays the reference the tests compare this law
 against. Here every operation is a fixed-shape tensor op whose result for a row depends on that row
 alone, and none is a floating-point reduction whose order could vary between runs:
 

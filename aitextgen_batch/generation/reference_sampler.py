@@ -1,4 +1,7 @@
-"""Choose next tokens for a block of rows, each row from its own logits and its own uniform draw.
+"""The reference sampler, for tests: numpy, float64, row by row. The engine samples on the device (`sampler`); the
+tests hold its law to this one.
+
+Choose next tokens for a block of rows, each row from its own logits and its own uniform draw.
 
 Every operation is row-wise with a fixed order of evaluation (elementwise maths, `max`, stable sorts and
 sequential `cumsum` along the vocabulary), so a row's choice depends on that row alone. Maths runs in
