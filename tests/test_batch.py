@@ -128,6 +128,48 @@ def test_output_schema_manifest_and_readers(reference, prompts_dir):
     assert sorted(os.listdir(reference / "_done")) == ["00000.json", "00001.json"]
 
 
+def test_the_manifest_holds_typed_sampling_params_and_reads_older_ones(tmp_path):
+    """`Identity.sampling` is a `SamplingParams`: written as JSON and read back equal; a job written before some
+    sampling fields existed reads with their defaults."""
+    from aitextgen_batch.batch import manifest as mf
+    from aitextgen_batch.generation.options import NUMERICS_VERSION, EngineConfig
+    from aitextgen_batch.generation.params import SamplingParams
+    from aitextgen_batch.storage import Location
+
+    sampling = SamplingParams(max_new_tokens=9, temperature=0.5, stop=["\n\n", "END"], json_schema='{"type": "object"}')
+    engine = EngineConfig(slots=8).resolved("cpu")
+    job = mf.JobSpec(
+        identity=mf.Identity(
+            model_fingerprint="sha256:x",
+            sampling=sampling,
+            job_seed=3,
+            columns=mf.Columns("prompt", "id", None, []),
+            inputs=[["a.parquet", 2, 10, "ab" * 32]],
+            shard_rows=1,
+            engine=mf.Numerics.of(engine),
+        ),
+        output=str(tmp_path),
+        model=mf.ModelSpec("m", None, False, False),
+        files=[mf.InputFile("a.parquet", "a.parquet", 2)],
+        has_id=True,
+        id_type="string",
+        keep_schema="",
+        shards=[mf.ShardPlan(0, 1, [[0, 0, 1]]), mf.ShardPlan(1, 1, [[0, 1, 2]])],
+        versions={},
+    )
+    out = Location(str(tmp_path))
+    mf.write_job(out, job)
+    back = mf.read_job(out)
+    assert back == job and isinstance(back.identity.sampling, SamplingParams) and back.identity.sampling == sampling
+    assert back.identity.engine == mf.Numerics("cpu", "float32", 8, 2, NUMERICS_VERSION)
+    built = back.engine_config(refill=False, threads=2)
+    assert (built.model, built.slots, built.prefill_rows, built.dtype, built.threads) == ("m", 8, 2, "float32", 2)
+    data = json.loads((tmp_path / "_job.json").read_text())
+    del data["identity"]["sampling"]["top_logprobs"], data["identity"]["sampling"]["stop_token_ids"]
+    (tmp_path / "_job.json").write_text(json.dumps(data))
+    assert mf.read_job(out).identity.sampling == sampling
+
+
 @pytest.mark.slow
 def test_text_identical_across_actors_shards_and_batch_size(reference, tiny_model_dir, prompts_dir, tmp_path):
     ref = texts(reference)
@@ -747,7 +789,7 @@ def test_a_job_of_older_engine_arithmetic_is_not_replayed_or_resumed(reference, 
     """A job written before the engine's arithmetic changed cannot be reproduced: verify, replay and a rerun refuse it
     with the way out, instead of reporting every row as a mismatch. Version 2: full-length eager attention (before
     grouped, chunked attention); version 1: no prefill rows, no version."""
-    from aitextgen_batch.generation.engine import NUMERICS_VERSION
+    from aitextgen_batch.generation.options import NUMERICS_VERSION
 
     for older in (2, 1):
         old = _copy_job(reference, tmp_path / f"v{older}")

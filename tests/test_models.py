@@ -180,7 +180,6 @@ def test_one_context_length_rule():
 
 
 def test_one_dtype_table_and_one_default_rule():
-    from aitextgen_batch.batch.api import GenerateConfig, _numerics
     from aitextgen_batch.generation.options import EngineConfig
     from aitextgen_batch.models.loading import DTYPE_NAMES, default_dtype, default_dtype_name, dtype_name
 
@@ -190,12 +189,9 @@ def test_one_dtype_table_and_one_default_rule():
         EngineConfig(dtype="float64")
     assert dtype_name("bf16") == dtype_name(torch.bfloat16) == "bfloat16" and dtype_name("half") == "float16"
     # the job records the dtype load_model uses, by the same rule, on every machine
-    cfg = GenerateConfig(input="i", output="o")
-    assert _numerics(cfg, "cuda").dtype == default_dtype_name("cuda") == "bfloat16"
-    assert _numerics(cfg, "cpu").dtype == "float32" and default_dtype("cpu") == torch.float32
-    assert (
-        _numerics(GenerateConfig(input="i", output="o", engine=EngineConfig(dtype="fp16")), "cuda").dtype == "float16"
-    )
+    assert EngineConfig().resolved("cuda").dtype == default_dtype_name("cuda") == "bfloat16"
+    assert EngineConfig().resolved("cpu").dtype == "float32" and default_dtype("cpu") == torch.float32
+    assert EngineConfig(dtype="fp16").resolved("cuda").dtype == "float16"
 
 
 def test_loading_a_preset_leaves_the_global_rng_alone(tokenizer_dir):

@@ -21,13 +21,11 @@ import pytest
 from aitextgen_batch.batch.api import (
     GenerateConfig,
     _build_job,
-    _numerics,
     _prepare_output,
     check_job,
-    engine_options,
     generate_dataset,
 )
-from aitextgen_batch.batch.manifest import JobSpec
+from aitextgen_batch.batch.manifest import JobSpec, Numerics
 from aitextgen_batch.batch.shard import run_shard
 from aitextgen_batch.batch.verify import replay_row, verify_output
 from aitextgen_batch.cli import main
@@ -151,11 +149,8 @@ def synth(ray_local, tiny_model_dir, synth_input, template_file, tmp_path_factor
 
 def cpu_engine(model: str):
     """The engine a CPU job of `model` runs (same model, dtype and shapes)."""
-    from aitextgen_batch.batch.manifest import ModelSpec
-    from aitextgen_batch.generation.options import EngineConfig
-
     cfg = build_config(GenerateConfig, {"input": "x", "output": "y", "model": model})
-    return EngineConfig(**engine_options(ModelSpec(model, None, False, False), _numerics(cfg, "cpu"))).build()
+    return cfg.engine.resolved("cpu").build()
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +163,7 @@ def run_here(engine, **options) -> Path:
     cfg = build_config(GenerateConfig, {**BASE, "model": engine.source, **options})
     checked = check_job(cfg)
     try:
-        job = _build_job(cfg, checked, _numerics(cfg, "cpu"))
+        job = _build_job(cfg, checked, Numerics.of(cfg.engine.resolved("cpu")))
         assert job.identity.model_fingerprint == engine.fingerprint
         pending, _, _ = _prepare_output(cfg, job, Location(job.output), time.time(), checked.inputs.staged)
         for shard in pending:

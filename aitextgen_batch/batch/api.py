@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config import check, check_at_most, check_range, check_seed, to_dict
+from ..config import check, check_at_most, check_range, check_seed
 from ..errors import UserError
 from ..generation.options import EngineConfig
 from ..generation.params import SamplingParams
@@ -329,24 +329,13 @@ def _resources(cfg: GenerateConfig) -> Resources:
     return Resources(n, float(min(threads, max(1, cpus // n))), 0.0, threads, "cpu")
 
 
-def _numerics(cfg: GenerateConfig, device: str, parameters: int = 0) -> Numerics:
-    """What fixes the engine's arithmetic: device kind, dtype, slots and prefill rows (recorded in the manifest).
-
-    Default slots follow the device and the model's size (`engine.default_slots`), as in `Engine`."""
-    from ..generation.engine import NUMERICS_VERSION, default_prefill_rows, default_slots
-    from ..models.loading import default_dtype_name, dtype_name, resolve_dtype
-
-    e = cfg.engine
-    dtype = dtype_name(e.dtype) if e.dtype else default_dtype_name(device)
-    slots = e.slots or default_slots(device, parameters * resolve_dtype(dtype).itemsize)
-    prefill = e.prefill_rows or default_prefill_rows(slots)
-    return Numerics(device=device, dtype=dtype, slots=slots, prefill_rows=prefill, version=NUMERICS_VERSION)
-
-
-def check_kv_memory(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics, actors: int) -> None:
+def check_kv_memory(cfg: GenerateConfig, checked: CheckedJob, engine: EngineConfig, actors: int) -> None:
     """Refuse, in seconds and with the sizes, a job whose KV cache cannot fit on this machine even for its shortest
     rows (CPU jobs on this machine: in-process, or a Ray this driver starts). Longer rows that do not fit become error
     rows in the engine (`Engine._fit`).
+
+    Args:
+        engine: the job's resolved engine config (`EngineConfig.resolved`).
 
     Raises:
         UserError: `actors` caches of `slots` rows over the shortest row's length exceed the free memory.
@@ -357,17 +346,17 @@ def check_kv_memory(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics
     from ..raycluster import ray_address
 
     local = cfg.in_process or ray_address(cfg.address) == "local"
-    per = memory.estimate_bytes_per_position(checked.config, resolve_dtype(numerics.dtype).itemsize)
-    if numerics.device != "cpu" or not local or not per:
+    per = memory.estimate_bytes_per_position(checked.config, resolve_dtype(engine.dtype).itemsize)
+    if engine.device != "cpu" or not local or not per:
         return
     length = cache_length(bucket_length(1, 8), cfg.sampling.max_new_tokens)
-    weights = checked.parameters * resolve_dtype(numerics.dtype).itemsize
+    weights = checked.parameters * resolve_dtype(engine.dtype).itemsize
     budget = (memory.available_bytes("cpu") - actors * weights) // actors
-    need = memory.cache_bytes(numerics.slots, length, per)
+    need = memory.cache_bytes(engine.slots, length, per)
     if need <= memory.USABLE * budget:
         return
     fits = memory.fitting_slots(length, per, budget)
-    sizes = memory.describe(numerics.slots, length, per)
+    sizes = memory.describe(engine.slots, length, per)
     free = memory.gb(max(budget, 0))
     raise UserError(
         f"--max-new-tokens {cfg.sampling.max_new_tokens} needs a KV cache of {sizes} per actor, but {free} is free "
@@ -469,7 +458,7 @@ def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> 
     columns.id = columns.id if inputs.has_id else None
     identity = Identity(
         model_fingerprint=checked.fingerprint,
-        sampling=to_dict(cfg.sampling),
+        sampling=cfg.sampling,
         job_seed=cfg.seed,
         columns=columns,
         inputs=[f.identity for f in inputs.files],
@@ -501,32 +490,6 @@ def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> 
         versions=package_versions(),
         chat_template=checked.chat_template,
     )
-
-
-def engine_options(model: ModelSpec, numerics: Numerics) -> dict:
-    """EngineConfig fields that rebuild a job's engine exactly: same model, device kind, dtype and shapes.
-
-    Raises:
-        UserError: the job was made by another version of the engine's arithmetic (it cannot be replayed exactly).
-    """
-    from ..generation.engine import NUMERICS_VERSION
-
-    if numerics.version != NUMERICS_VERSION:
-        raise UserError(
-            f"this job was made by version {numerics.version} of the engine's arithmetic; this aitextgen-batch "
-            f"computes version {NUMERICS_VERSION} and cannot reproduce its rows byte for byte. Use the release that "
-            "made it to replay or resume it, or rerun it here into a new --output (or with --overwrite)"
-        )
-    return {
-        "model": model.source,
-        "tokenizer": model.tokenizer,
-        "device": numerics.device,
-        "dtype": numerics.dtype,
-        "slots": numerics.slots,
-        "prefill_rows": numerics.prefill_rows,
-        "trust_remote_code": model.trust_remote_code,
-        "allow_pickle": model.allow_pickle,
-    }
 
 
 def generate_dataset(config: GenerateConfig | None = None, **options) -> JobSummary:
@@ -579,9 +542,9 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
 
     t0 = time.time()
     res = _local_resources(cfg) if cfg.in_process else _resources(cfg)
-    numerics = _numerics(cfg, res.device, checked.parameters)
-    check_kv_memory(cfg, checked, numerics, res.num_actors)
-    job = _build_job(cfg, checked, numerics)
+    engine = cfg.engine.resolved(res.device, checked.parameters, res.threads)
+    check_kv_memory(cfg, checked, engine, res.num_actors)
+    job = _build_job(cfg, checked, Numerics.of(engine))
     meter = Meter(Session(started=t0, device=res.device_type))
     job.sessions.append(meter.session)
     out = Location(job.output)
@@ -590,13 +553,13 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
     total_rows = sum(s.rows for s in job.shards)
     progress = JobProgress(len(job.shards), total_rows, quiet=cfg.quiet, already=[r for r in records.values() if r])
     actors: list = []
-    options = {**engine_options(job.model, job.identity.engine), "refill": cfg.engine.refill}
+    engine = job.engine_config(refill=engine.refill, threads=engine.threads)
     try:
         if pending:
             n = 1 if cfg.in_process else min(res.num_actors, len(pending))
             meter.start(dataclasses.replace(res, num_actors=n).devices)
         if pending and not cfg.in_process:
-            actors = start_actors(options, n, res.cpus_per_actor, res.gpus_per_actor, res.threads)
+            actors = start_actors(engine, n, res.cpus_per_actor, res.gpus_per_actor)
             meter.update()  # the devices held while the actors loaded count even if this run is killed next
             mf.write_job(out, job)
 
@@ -614,7 +577,7 @@ def _run(cfg: GenerateConfig, checked: CheckedJob) -> JobSummary:
             if pending:
                 run = dict(batch_size=cfg.batch_size, max_attempts=cfg.max_shard_attempts, on_done=done, on_fail=fail)
                 if cfg.in_process:
-                    stats = run_shards_here(options, res.threads, job, pending, **run)
+                    stats = run_shards_here(engine, job, pending, **run)
                 else:
                     stats = run_shards(actors, job, pending, on_tick=progress.tick, on_note=progress.note, **run)
                 outcome.actors = stats.actors_started

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from ..generation.options import NUMERICS_VERSION, EngineConfig
+from ..generation.params import SamplingParams
 from ..storage import Location
 
 JOB_FILE = "_job.json"
@@ -63,7 +65,7 @@ class ModelSpec:
 @dataclass
 class Numerics:
     """What fixes the engine's arithmetic: device kind, dtype (canonical name), the fixed shapes (decode slots and
-    prefill rows) and the version of the engine's arithmetic (`generation.engine.NUMERICS_VERSION`).
+    prefill rows) and the version of the engine's arithmetic (`generation.options.NUMERICS_VERSION`).
 
     Jobs written before version 2 recorded neither prefill rows nor a version: they read as version 1.
     """
@@ -73,6 +75,11 @@ class Numerics:
     slots: int
     prefill_rows: int = 0
     version: int = 1
+
+    @classmethod
+    def of(cls, config: EngineConfig) -> Numerics:
+        """The numerics of a resolved config (`EngineConfig.resolved`), at this version of the arithmetic."""
+        return cls(config.device, config.dtype, config.slots, config.prefill_rows, NUMERICS_VERSION)
 
 
 @dataclass
@@ -116,7 +123,7 @@ class Identity:
     """Everything that determines a job's output rows; a rerun into the same OUT must have the same identity."""
 
     model_fingerprint: str
-    sampling: dict
+    sampling: SamplingParams  # the job's params (a row's own, with --params-column, replace some of them)
     job_seed: int
     columns: Columns
     inputs: list[list]  # [file name, rows, bytes, sha256] per input file (older jobs: [name, rows])
@@ -210,14 +217,48 @@ class JobSpec:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_json(cls, data: dict) -> JobSpec:
-        """Rebuild from `to_json`'s output.
+    def engine_config(self, model: str | None = None, *, refill: bool = True, threads: int | None = None):
+        """The `EngineConfig` that builds this job's engine exactly: its model, device kind, dtype and shapes. Every
+        worker (Ray actor, in-process), `replay` and `verify` build from it.
+
+        Args:
+            model: a moved copy of the job's model (default: the job's own source).
+            refill: refill finished slots at once (speed only; never changes any text).
+            threads: torch CPU threads the worker runs with (None: leave the process's count).
 
         Raises:
-            KeyError, TypeError: a document of another layout (`read_job` reports it).
+            UserError: the job was made by another version of the engine's arithmetic (it cannot be reproduced).
+        """
+        numerics = self.identity.engine
+        if numerics.version != NUMERICS_VERSION:
+            raise UserError(
+                f"this job was made by version {numerics.version} of the engine's arithmetic; this aitextgen-batch "
+                f"computes version {NUMERICS_VERSION} and cannot reproduce its rows byte for byte. Use the release "
+                "that made it to replay or resume it, or rerun it here into a new --output (or with --overwrite)"
+            )
+        return EngineConfig(
+            model=model or self.model.source,
+            tokenizer=self.model.tokenizer,
+            device=numerics.device,
+            dtype=numerics.dtype,
+            slots=numerics.slots,
+            prefill_rows=numerics.prefill_rows,
+            refill=refill,
+            threads=threads,
+            trust_remote_code=self.model.trust_remote_code,
+            allow_pickle=self.model.allow_pickle,
+        )
+
+    @classmethod
+    def from_json(cls, data: dict) -> JobSpec:
+        """Rebuild from `to_json`'s output (a job written by an earlier version reads too: sampling fields it lacks
+        take their defaults).
+
+        Raises:
+            KeyError, TypeError, UserError: a document of another layout or values (`read_job` reports it).
         """
         ident = dict(data["identity"])
+        ident["sampling"] = SamplingParams(**ident["sampling"])
         ident["columns"] = Columns(**ident["columns"])
         ident["engine"] = Numerics(**ident["engine"])
         if ident.get("chat") is not None:
@@ -270,7 +311,7 @@ def read_job(out: Location) -> JobSpec | None:
         raise UserError(f"{where} has format {got!r}, not {FORMAT!r}; pass --overwrite to start again")
     try:
         return JobSpec.from_json(data)
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, UserError) as exc:
         raise UserError(f"{where} is not a complete {FORMAT} manifest ({exc}); pass --overwrite") from exc
 
 

@@ -79,7 +79,7 @@ def prepare_rows(job: JobSpec, table, origins: list[str], tokenizer) -> RowWork:
     """
     ident = job.identity
     cols, chat = ident.columns, ident.chat
-    base = SamplingParams(**ident.sampling)
+    base = ident.sampling
     mode = chat.mode if chat is not None else None
     source = cols.messages if mode == "messages" else cols.prompt
     raw, errors = decode_column(table.column(source), origins, "messages" if source == cols.messages else "prompt")

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import first_line
+from ..generation.options import EngineConfig
 from .manifest import DoneRecord, JobSpec
 
 STARTUP_TIMEOUT_S = 1800.0  # no actor up after this long (model load included): the cluster cannot place them
@@ -41,15 +42,15 @@ class GenerationWorker:
     its process died needs nothing but its constructor arguments.
     """
 
-    def __init__(self, engine_options: dict, threads: int | None):
+    def __init__(self, config: EngineConfig):
         import torch
 
         from ..models.loading import quiet_transformers
 
         quiet_transformers()
-        if threads:
-            torch.set_num_threads(threads)
-        self.engine = _build_engine(engine_options)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.engine = config.build()
 
     def ready(self) -> str:
         """Answered once the engine is loaded: the scheduler hands shards only to actors that answered."""
@@ -98,7 +99,7 @@ class ShardQueue:
         return bool(self.queue)
 
     def take(self, actors: int = 1) -> list[int]:
-        per_row = self.job.identity.sampling.get("num_return_sequences", 1)
+        per_row = self.job.identity.sampling.num_return_sequences
         queued = sum(self.job.shards[s].rows for s in self.queue) * per_row
         want = min(GROUP_FILL * self.job.identity.engine.slots, -(-queued // max(1, actors)))
         group, items = [], 0
@@ -140,9 +141,7 @@ class ShardQueue:
             self.queue.appendleft(s)
 
 
-def start_actors(
-    engine_options: dict, num_actors: int, cpus_per_actor: float, gpus_per_actor: float, threads: int | None
-) -> list:
+def start_actors(config: EngineConfig, num_actors: int, cpus_per_actor: float, gpus_per_actor: float) -> list:
     """Start the actors; each loads the model in its constructor (`run_shards` waits for each to be ready)."""
     import ray
 
@@ -154,7 +153,7 @@ def start_actors(
         max_task_retries=0,
         runtime_env={"env_vars": env} if env else None,
     )
-    return [actor_cls.remote(engine_options, threads) for _ in range(num_actors)]
+    return [actor_cls.remote(config) for _ in range(num_actors)]
 
 
 # Object-store settings the driver was given travel to the actors.
@@ -298,8 +297,7 @@ def run_shards(
 
 
 def run_shards_here(
-    engine_options: dict,
-    threads: int,
+    config: EngineConfig,
     job: JobSpec,
     pending: list[int],
     *,
@@ -314,8 +312,8 @@ def run_shards_here(
     from ..models.loading import torch_threads
 
     stats = RunStats()
-    with torch_threads(threads):
-        engine = _build_engine(engine_options)
+    with torch_threads(config.threads):
+        engine = config.build()
         stats.actors_started = 1
         queue = ShardQueue(job, pending, max_attempts, on_done, on_fail, stats)
         while queue:
@@ -330,9 +328,3 @@ def run_shards_here(
                 continue
             queue.finished(outcomes)
     return stats
-
-
-def _build_engine(engine_options: dict):
-    from ..generation.options import EngineConfig
-
-    return EngineConfig(**engine_options).build()

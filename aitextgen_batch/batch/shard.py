@@ -82,7 +82,7 @@ class _Prepared:
 
 def _prepare(engine, job: JobSpec, shard_index: int) -> _Prepared:
     cols = job.identity.columns
-    job_k = job.identity.sampling["num_return_sequences"]
+    job_k = job.identity.sampling.num_return_sequences
     rows = read_rows(job, job.shards[shard_index])
     work = prepare_rows(job, rows.table, rows.origins, engine.tokenizer)
     seeds_col = rows.table.column(cols.seed).to_pylist() if cols.seed else None

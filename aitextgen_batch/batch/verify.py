@@ -26,22 +26,23 @@ def load_job(output: str | Path) -> JobSpec:
 
 
 def job_engine(job: JobSpec, model: str | None = None):
-    """The job's engine, rebuilt with the same numerics; `model` may point at a moved copy of the model."""
+    """The job's engine, rebuilt with the same numerics (`JobSpec.engine_config`); `model` may point at a moved copy of
+    the model.
+
+    Raises:
+        UserError: the job ran on CUDA and this machine has none, it was made by another version of the engine's
+            arithmetic, or the model's fingerprint is not the job's.
+    """
     import torch
 
-    from ..generation.options import EngineConfig
-    from .api import engine_options
-
-    opts = engine_options(job.model, job.identity.engine)
-    if opts["device"] == "cuda" and not torch.cuda.is_available():
+    config = job.engine_config(model)
+    if config.device == "cuda" and not torch.cuda.is_available():
         raise UserError("this job ran on CUDA; replaying it needs a CUDA device (results are exact per device kind)")
-    if model:
-        opts["model"] = model
-    engine = EngineConfig(**opts).build()
+    engine = config.build()
     want = job.identity.model_fingerprint
     if engine.fingerprint != want:
         raise UserError(
-            f"model {opts['model']!r} has fingerprint {engine.fingerprint}, but the job was made with "
+            f"model {config.model!r} has fingerprint {engine.fingerprint}, but the job was made with "
             f"{want}; pass --model with the job's model"
         )
     return engine
@@ -49,10 +50,13 @@ def job_engine(job: JobSpec, model: str | None = None):
 
 def row_params(job: JobSpec, row: dict):
     """The params one stored sample was made with: its row's `params` column (per-row params), else the job's."""
+    import dataclasses
+
     from ..generation.params import SamplingParams
 
-    values = json.loads(row[PARAMS_FIELD]) if row.get(PARAMS_FIELD) else job.identity.sampling
-    return SamplingParams(**{**values, "num_return_sequences": 1})
+    if row.get(PARAMS_FIELD):
+        return SamplingParams(**{**json.loads(row[PARAMS_FIELD]), "num_return_sequences": 1})
+    return dataclasses.replace(job.identity.sampling, num_return_sequences=1)
 
 
 def regenerate(engine, job: JobSpec, rows: list[dict], threads: list[int | None] | None = None):
@@ -222,7 +226,7 @@ def verify_output(output: str | Path, sample: int = 100, seed: int = 0, model: s
     keys: set = set()
     dupes = total = 0
     counts = []
-    job_k = job.identity.sampling["num_return_sequences"]
+    job_k = job.identity.sampling.num_return_sequences
     per_row = job.identity.columns.params is not None
     samples: dict = {}  # id -> its row's number of samples
     k_of: dict = {None: job_k}  # params JSON -> num_return_sequences

@@ -34,6 +34,7 @@ from ..models.context import context_length
 from . import attention, memory
 from .drain import drain
 from .logprobs import prompt_logprobs
+from .options import engine_shapes
 from .params import SamplingParams
 from .prompts import length_error, prompt_error, room_error
 from .seeds import derive_seed, sample_seed
@@ -46,30 +47,8 @@ __all__ = ["Engine", "GenerationResult", "MAX_ATTEMPTS", "bucket_length", "cache
 # How many decode steps run between two looks of the host: a look syncs with the device, so on a GPU
 # it is rarer; on a CPU it costs nothing and frees finished slots at once.
 DEFAULT_CHECK_EVERY = {"cpu": 1, "cuda": 8}
-# Versions of the engine's arithmetic: a job made by one cannot be resumed by another.
-NUMERICS_VERSION = 3
 # Decoders (cache + captured graphs) kept per engine, least recently used dropped first.
 MAX_DECODERS = 4
-
-
-def default_slots(device: str, weight_bytes: int) -> int:
-    """Rows per decode step when none are given, from the device and the model's weights (bytes in the run's dtype).
-
-    A decode step multiplies `slots` rows by every weight matrix: with few rows the time goes to reading the weights
-    and to per-step overhead, with many rows to arithmetic, and a step's rows share its cost. On a CPU, 64 rows run a
-    small model's matmuls near their best rate (2 threads: 32 rows reach about 80% of it); on a GPU several hundred.
-    Larger models take fewer rows: their steps are long anyway, and their KV cache per row is larger.
-    CPU: 64 below 1 GB of weights, 32 below 4 GB, else 16. CUDA: 256 below 2 GB, 128 below 16 GB, else 64.
-    """
-    gb = weight_bytes / 1e9
-    if str(device).startswith("cuda"):
-        return 256 if gb < 2 else 128 if gb < 16 else 64
-    return 64 if gb < 1 else 32 if gb < 4 else 16
-
-
-def default_prefill_rows(slots: int) -> int:
-    """Rows per prefill: an eighth of the slots (at least 2), so a refill waits for few free slots."""
-    return min(slots, max(2, slots // 8))
 
 
 class Engine:
@@ -109,12 +88,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.slots = int(slots or default_slots(self.device.type, weight_bytes))
-        if self.slots < 2:
-            raise UserError(f"slots must be >= 2 (a 1-row matmul takes another kernel path), got {self.slots}")
-        self.prefill_rows = int(prefill_rows or default_prefill_rows(self.slots))
-        if not 2 <= self.prefill_rows <= self.slots:
-            raise UserError(f"prefill_rows must be between 2 and slots ({self.slots}), got {self.prefill_rows}")
+        self.slots, self.prefill_rows = engine_shapes(self.device.type, weight_bytes, slots, prefill_rows)
         self.refill = bool(refill)
         self.check_every = int(check_every or DEFAULT_CHECK_EVERY.get(self.device.type, 1))
         if graphs and self.device.type != "cuda":

@@ -1,7 +1,10 @@
-"""Config dataclasses of the generation commands (engine options, replay)."""
+"""Config dataclasses of the generation commands (engine options, replay), and the one place that decides the
+engine's numeric defaults (dtype, slots, prefill rows, threads): `EngineConfig.resolved` for a job's driver,
+`engine_shapes` for an `Engine` built without them."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +14,43 @@ from .params import MAX_RETURN_SEQUENCES, SamplingParams
 
 MAX_SLOTS = 4096  # rows per decode step: more is a multi-GB cache for the smallest model
 MAX_THREADS = 1024
+# Versions of the engine's arithmetic: a job made by one cannot be resumed or replayed by another.
+NUMERICS_VERSION = 3
+
+
+def default_slots(device: str, weight_bytes: int) -> int:
+    """Rows per decode step when none are given, from the device and the model's weights (bytes in the run's dtype).
+
+    A decode step multiplies `slots` rows by every weight matrix: with few rows the time goes to reading the weights
+    and to per-step overhead, with many rows to arithmetic, and a step's rows share its cost. On a CPU, 64 rows run a
+    small model's matmuls near their best rate (2 threads: 32 rows reach about 80% of it); on a GPU several hundred.
+    Larger models take fewer rows: their steps are long anyway, and their KV cache per row is larger.
+    CPU: 64 below 1 GB of weights, 32 below 4 GB, else 16. CUDA: 256 below 2 GB, 128 below 16 GB, else 64.
+    """
+    gb = weight_bytes / 1e9
+    if str(device).startswith("cuda"):
+        return 256 if gb < 2 else 128 if gb < 16 else 64
+    return 64 if gb < 1 else 32 if gb < 4 else 16
+
+
+def default_prefill_rows(slots: int) -> int:
+    """Rows per prefill: an eighth of the slots (at least 2), so a refill waits for few free slots."""
+    return min(slots, max(2, slots // 8))
+
+
+def engine_shapes(device: str, weight_bytes: int, slots: int | None, prefill_rows: int | None) -> tuple[int, int]:
+    """(slots, prefill rows): the ones given, else the defaults for the device and the weights' bytes.
+
+    Raises:
+        UserError: fewer than 2 slots (a 1-row matmul takes another kernel path), or prefill rows outside 2..slots.
+    """
+    slots = int(slots or default_slots(device, weight_bytes))
+    if slots < 2:
+        raise UserError(f"slots must be >= 2 (a 1-row matmul takes another kernel path), got {slots}")
+    prefill_rows = int(prefill_rows or default_prefill_rows(slots))
+    if not 2 <= prefill_rows <= slots:
+        raise UserError(f"prefill_rows must be between 2 and slots ({slots}), got {prefill_rows}")
+    return slots, prefill_rows
 
 
 @dataclass
@@ -50,9 +90,35 @@ class EngineConfig:
         if self.dtype is not None:
             check(self.dtype in DTYPE_NAMES, "dtype", f"must be one of {', '.join(DTYPE_NAMES)}", self.dtype)
 
+    def resolved(self, device: str, parameters: int = 0, threads: int = 1) -> EngineConfig:
+        """This config with every numeric default decided, as a job records it and its workers build it.
+
+        Args:
+            device: the device kind the engine runs on ("cpu" or "cuda").
+            parameters: the model's parameter count (the default slots follow its weights' bytes in the dtype).
+            threads: torch CPU threads when `threads` is not set (a CPU matmul splits its sums by thread count).
+
+        Raises:
+            UserError: slots or prefill rows out of range (`engine_shapes`).
+        """
+        from ..models.loading import default_dtype_name, dtype_name, resolve_dtype
+
+        dtype = dtype_name(self.dtype) if self.dtype else default_dtype_name(device)
+        slots, prefill_rows = engine_shapes(
+            device, parameters * resolve_dtype(dtype).itemsize, self.slots, self.prefill_rows
+        )
+        return dataclasses.replace(
+            self,
+            device=device,
+            dtype=dtype,
+            slots=slots,
+            prefill_rows=prefill_rows,
+            threads=int(self.threads or threads),
+        )
+
     def build(self):
         """Load the engine these options describe. `threads` is not applied here: torch's thread count is
-        process-wide, so entry points (the CLI, a Ray actor) set it."""
+        process-wide, so entry points (the CLI, a Ray actor, the in-process executor) set it."""
         from .engine import Engine
 
         return Engine.from_pretrained(
@@ -112,8 +178,6 @@ class ReplayConfig:
 
     def _unused_with_output(self) -> list[str]:
         """The options given (not at their defaults) that replaying a job's row would ignore."""
-        import dataclasses
-
         unused = [
             f.name
             for part in (self.engine, self.sampling)
@@ -128,8 +192,6 @@ class ReplayConfig:
 
 
 def _default(f):
-    import dataclasses
-
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
@@ -138,7 +200,6 @@ def run_replay(cfg: ReplayConfig) -> int:
 
     Replaying a row of a job's output (`--output OUT --id X`) is the job layer's: `batch.verify.run_replay_row`.
     """
-    import dataclasses
     import json
 
     from .seeds import sample_seed
