@@ -203,9 +203,9 @@ def test_text_identical_across_actors_shards_and_batch_size(reference, tiny_mode
 
 
 def test_small_shards_run_together_to_fill_the_slots(reference, tiny_model_dir, prompts_dir, tmp_path, monkeypatch):
-    """Shards smaller than the slots go to an actor together (`runner.take_group`): one engine call keeps the slots
-    full across them, yet each shard gets its own part file and record, and the bytes are the reference's. On Ray a
-    small job is still shared among the actors."""
+    """Shards smaller than the slots go to an actor together (`executor.queue.ShardQueue.take`): one engine call keeps
+    the slots full across them, yet each shard gets its own part file and record, and the bytes are the reference's. On
+    Ray a small job is still shared among the actors."""
     from aitextgen_batch.generation import Engine
 
     calls: list[int] = []
@@ -752,6 +752,86 @@ def test_repeatedly_failing_shard_is_marked_failed_and_the_rest_finishes(tiny_mo
     assert len(pd.read_parquet(out)) == 10
     job = json.loads((out / "_job.json").read_text())
     assert [sh["state"] for sh in job["shards"]] == ["done", "failed"]
+
+
+TRIGGER_CONFIG = """from transformers import GPT2Config
+
+
+class TriggerConfig(GPT2Config):
+    model_type = "trigger-gpt2"
+"""
+TRIGGER_MODEL = """import functools
+
+import torch
+from transformers import GPT2LMHeadModel
+
+from .configuration_trigger import TriggerConfig
+
+TRIGGER = {ids}
+
+
+class TriggerModel(GPT2LMHeadModel):
+    config_class = TriggerConfig
+
+    @functools.wraps(GPT2LMHeadModel.forward)
+    def forward(self, *args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[-1] >= len(TRIGGER):
+            windows = ids.unfold(-1, len(TRIGGER), 1)
+            if bool((windows == torch.tensor(TRIGGER, device=ids.device)).all(-1).any()):
+                raise TypeError("the trigger phrase reached the model")
+        return super().forward(*args, **kwargs)
+"""
+
+
+def trigger_model(tiny_model_dir: Path, folder: Path, phrase: str) -> Path:
+    """The tiny GPT-2 as remote code (`--trust-remote-code`) whose forward raises TypeError on `phrase`'s tokens."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_model_dir, folder)
+    ids = AutoTokenizer.from_pretrained(folder)(phrase, add_special_tokens=False)["input_ids"]
+    (folder / "configuration_trigger.py").write_text(TRIGGER_CONFIG)
+    (folder / "modeling_trigger.py").write_text(TRIGGER_MODEL.format(ids=ids))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        model_type="trigger-gpt2",
+        architectures=["TriggerModel"],
+        auto_map={
+            "AutoConfig": "configuration_trigger.TriggerConfig",
+            "AutoModelForCausalLM": "modeling_trigger.TriggerModel",
+        },
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_an_engine_error_fails_its_shard_the_same_in_process_and_on_ray(tiny_model_dir, tmp_path, ray_local, capsys):
+    """One executor rule, two places to run it: the same faulty input (one row whose prompt makes the model raise)
+    through `--in-process` and through Ray gives the same exit code, `_job.json` status, shard states, failed shard and
+    error; the other shards finish."""
+    model = trigger_model(tiny_model_dir, tmp_path / "trigger", " zebra quartz fjord")
+    inp = tmp_path / "in"
+    inp.mkdir()
+    prompts = [f"the fox {w}" for w in WORDS[:8]]
+    prompts[5] = "the fox zebra quartz fjord"
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(8)], "prompt": prompts}), inp / "p.parquet")
+    seen = {}
+    for where, flags in {"in-process": ["--in-process"], "ray": ["--num-actors", "1"]}.items():
+        out = tmp_path / where
+        argv = ["generate", "--input", str(inp), "--output", str(out), "--model", str(model), "--trust-remote-code"]
+        argv += ["--shard-rows", "2", "--max-shard-attempts", "2", "--max-new-tokens", "4", "--quiet", *flags]
+        code = main(argv)
+        job = json.loads((out / "_job.json").read_text())
+        counts = {k: job["summary"][k] for k in ("shards_done", "shards_failed", "retries", "rows", "status")}
+        seen[where] = (code, job["status"], [s["state"] for s in job["shards"]], job["failed"], counts)
+        assert sorted(pd.read_parquet(out).id) == [f"r{i}" for i in range(8) if i not in (4, 5)]
+    assert seen["in-process"] == seen["ray"]
+    code, status, states, failed, counts = seen["ray"]
+    assert (code, status, states) == (1, "failed", ["done", "done", "failed", "done"])
+    assert failed == {"2": "failed 2 times; last error: the trigger phrase reached the model"}
+    assert counts == {"shards_done": 3, "shards_failed": 1, "retries": 1, "rows": 6, "status": "failed"}
 
 
 def test_verify_passes_on_real_output_and_fails_on_tampered(reference, tmp_path, capsys):

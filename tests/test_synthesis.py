@@ -21,10 +21,10 @@ import pytest
 from aitextgen_batch.batch.api import (
     GenerateConfig,
     _build_job,
-    _prepare_output,
     check_job,
     generate_dataset,
 )
+from aitextgen_batch.batch.executor.state import prepare_output
 from aitextgen_batch.batch.manifest import JobSpec, Numerics
 from aitextgen_batch.batch.shard import run_shard
 from aitextgen_batch.batch.verify import replay_row, verify_output
@@ -165,7 +165,7 @@ def run_here(engine, **options) -> Path:
     try:
         job = _build_job(cfg, checked, Numerics.of(cfg.engine.resolved("cpu")))
         assert job.identity.model_fingerprint == engine.fingerprint
-        pending, _, _ = _prepare_output(cfg, job, Location(job.output), time.time(), checked.inputs.staged)
+        pending, _, _ = prepare_output(job, Location(job.output), time.time(), checked.inputs.staged)
         for shard in pending:
             run_shard(engine, job, shard, cfg.batch_size)
     finally:
