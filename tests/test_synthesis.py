@@ -1,7 +1,7 @@
 """Dataset synthesis: chat messages, per-row sampling params, log-probabilities and JSONL input, end to end.
 
 One Ray job (`synth`) carries every feature at once; what needs no cluster runs shard by shard in this process
-through `run_shard` (`run_here`), which writes the same files a Ray job does.
+through `shard.run_shards` (`run_here`), which writes the same files a Ray job does.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from aitextgen_batch.batch.api import (
 )
 from aitextgen_batch.batch.executor.state import prepare_output
 from aitextgen_batch.batch.manifest import JobSpec, Numerics
-from aitextgen_batch.batch.shard import run_shard
+from aitextgen_batch.batch.shard import ShardFailure, run_shards
 from aitextgen_batch.batch.verify import replay_row, verify_output
 from aitextgen_batch.cli import main
 from aitextgen_batch.config import build_config
@@ -159,7 +159,7 @@ def engine(tiny_model_dir):
 
 
 def run_here(engine, **options) -> Path:
-    """A job run in this process, shard by shard through `run_shard`: the files a Ray job writes, without Ray."""
+    """A job run in this process, shard by shard through `run_shards`: the files a Ray job writes, without Ray."""
     cfg = build_config(GenerateConfig, {**BASE, "model": engine.source, **options})
     checked = check_job(cfg)
     try:
@@ -167,7 +167,8 @@ def run_here(engine, **options) -> Path:
         assert job.identity.model_fingerprint == engine.fingerprint
         pending, _, _ = prepare_output(job, Location(job.output), time.time(), checked.inputs.staged)
         for shard in pending:
-            run_shard(engine, job, shard, cfg.batch_size)
+            (outcome,) = run_shards(engine, job, [shard], cfg.batch_size)
+            assert not isinstance(outcome, ShardFailure), outcome
     finally:
         checked.cleanup()
     return Path(cfg.output)

@@ -107,18 +107,6 @@ def _prepare(engine, job: JobSpec, shard_index: int) -> _Prepared:
     return _Prepared(shard_index, rows, work, items, errors, single)
 
 
-def run_shard(engine, job: JobSpec, shard_index: int, batch_size: int) -> DoneRecord:
-    """Generate shard `shard_index` of `job` and record it as done; returns the completion record.
-
-    Raises:
-        RuntimeError: the shard failed (its input could not be read, its file not written).
-    """
-    (outcome,) = run_shards(engine, job, [shard_index], batch_size)
-    if isinstance(outcome, ShardFailure):
-        raise RuntimeError(outcome.error)
-    return outcome
-
-
 @dataclass
 class ShardFailure:
     """A shard of a group that failed on its own (its input could not be read, its file not written)."""

@@ -13,10 +13,10 @@ from collections import deque
 from .seeds import stream_key
 from .slots import EOS, Admission
 from .stops import StopMatcher
-from .work import Progress, WorkItem, redraw
+from .work import WorkItem, redraw
 
 
-def drain(engine, dec, queue: deque[WorkItem], progress: Progress) -> None:
+def drain(engine, dec, queue: deque[WorkItem]) -> None:
     """Run every item of `queue` through `dec`, refilling slots as items finish (if `refill`)."""
     free = list(range(engine.slots - 1, -1, -1))
     active: dict[int, WorkItem] = {}
@@ -46,14 +46,10 @@ def drain(engine, dec, queue: deque[WorkItem], progress: Progress) -> None:
             finish(engine, w, polled.tokens[slot, :steps].tolist(), n, polled.logprobs[slot, :steps].tolist(), reason)
             if dec.top_ids is not None:
                 w.result.top_logprobs = dec.top_of(slot, steps)
-            progress.tokens += w.result.num_generated_tokens
             if redraw(w):
                 w.attempt, w.checked = w.attempt + 1, 0
                 queue.append(w)
-            else:
-                progress.done += 1
         dec.stop_rows(stopped)
-        progress.report()
 
 
 def ended(polled, active: dict[int, WorkItem]) -> dict[int, tuple[str, int]]:

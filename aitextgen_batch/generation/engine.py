@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from ..errors import UserError
 from ..models.context import context_length
@@ -41,7 +41,7 @@ from .seeds import derive_seed, sample_seed
 from .selfcheck import eos_token_ids, probe, refuse_unservable
 from .selfcheck import self_check as check_model
 from .stops import StopMatcher
-from .work import MAX_ATTEMPTS, GenerationResult, Progress, WorkItem, bucket_length, cache_length, reach
+from .work import MAX_ATTEMPTS, GenerationResult, WorkItem, bucket_length, cache_length, reach
 
 __all__ = ["Engine", "GenerationResult", "MAX_ATTEMPTS", "bucket_length", "cache_length", "eos_token_ids"]
 # How many decode steps run between two looks of the host: a look syncs with the device, so on a GPU
@@ -222,8 +222,6 @@ class Engine:
         seeds: Sequence[int] | None = None,
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         batch_size: int = 64,
-        *,
-        on_progress: Callable[[int, int], None] | None = None,
     ) -> list[GenerationResult]:
         """Generate for every prompt; returns results item-major (item 0's samples first), in input order.
 
@@ -234,7 +232,6 @@ class Engine:
                 A row's text depends on its own params only, whatever its neighbours use.
             batch_size: prompts tokenized together. It changes no text, and no slot waits for it: every item of the
                 call is queued at once and slots are refilled across the whole call.
-            on_progress: called with (results finished, tokens generated) whenever results finish.
         """
         from .slots import no_grad
 
@@ -275,14 +272,13 @@ class Engine:
                     r.num_prompt_tokens = len(ids)
                     bucket = bucket_length(len(ids), self.context_length - p.max_new_tokens)
                     work.append(WorkItem(r, ids, bucket, p, matcher, grammar))
-        progress = Progress(len(results) - len(work), on_progress)
         if work:
             with no_grad():
-                self._run(work, progress)
+                self._run(work)
                 prompt_logprobs(self, [w for w in work if w.params.prompt_logprobs])
         return results
 
-    def _run(self, work: list[WorkItem], progress: Progress) -> None:
+    def _run(self, work: list[WorkItem]) -> None:
         """Decode `work`: one queue per sampler shape, in order of first appearance."""
         from .sampler import SamplerShape
 
@@ -290,17 +286,17 @@ class Engine:
         for w in work:
             queues.setdefault(SamplerShape.of(w.params, self.vocab_size), deque()).append(w)
         for shape, queue in queues.items():
-            queue = self._fit(queue, progress)
+            queue = self._fit(queue)
             if queue:
                 longest = max(reach(w) for w in queue)
                 dec = self._decoder(shape, longest, sorted({w.bucket for w in queue}))
-                drain(self, dec, queue, progress)
+                drain(self, dec, queue)
 
     def _budget(self) -> int:
         """Bytes a new decoder may take: the free memory and what the held decoders would give back."""
         return self._free_bytes() + sum(d.nbytes for d in self._decoders.values())
 
-    def _fit(self, queue: deque[WorkItem], progress: Progress) -> deque[WorkItem]:
+    def _fit(self, queue: deque[WorkItem]) -> deque[WorkItem]:
         """The items whose cache fits in memory at `slots` rows; the others become error rows, with the sizes.
 
         Raises:
@@ -324,7 +320,6 @@ class Engine:
                 f"max_new_tokens or use fewer slots (--slots {max(2, memory.fitting_slots(need, per, budget))} fits)"
             )
             w.result.finish_reason, w.result.attempts = "error", 0
-            progress.done += 1
         return kept
 
     def _decoder(self, shape, reach: int, widths: list[int]):

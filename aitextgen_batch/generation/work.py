@@ -1,9 +1,8 @@
-"""What the engine works on: an item's result, its work record, prompt buckets and cache lengths, progress."""
+"""What the engine works on: an item's result, its work record, prompt buckets and cache lengths."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .params import SamplingParams
@@ -69,19 +68,6 @@ def bucket_length(n: int, limit: int) -> int:
 def cache_length(bucket: int, max_new_tokens: int) -> int:
     """Cache positions for a bucket: room for every new token, rounded up to 64 so few shapes exist."""
     return 64 * math.ceil((bucket + max_new_tokens) / 64)
-
-
-class Progress:
-    """Counts finished results and generated tokens; reports to the caller's callback when they change."""
-
-    def __init__(self, done: int, callback: Callable[[int, int], None] | None):
-        self.done, self.tokens, self.callback = done, 0, callback
-        self._reported = (-1, -1)
-
-    def report(self) -> None:
-        if self.callback and (self.done, self.tokens) != self._reported:
-            self._reported = (self.done, self.tokens)
-            self.callback(self.done, self.tokens)
 
 
 def reach(w: WorkItem) -> int:
