@@ -268,7 +268,8 @@ def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> 
 def generate_dataset(config: GenerateConfig | None = None, **options) -> JobSummary:
     """Run (or resume) a generation job; returns its summary. Options are the CLI flags as keywords.
 
-    Inputs and model are checked before Ray starts; then Ray is joined (`raycluster.connect_ray`).
+    Inputs and model are checked before any worker starts (`checks.check_job`); then the executor the flags ask for
+    (`executor.make_executor`: this process with `in_process`, else Ray actors, joining Ray) runs the pending shards.
 
     Example:
         generate_dataset(input="prompts.parquet", output="out/", model="my-model/", max_new_tokens=64)
@@ -296,9 +297,9 @@ def _run(cfg: GenerateConfig, checked: CheckedJob, executor: ShardExecutor) -> J
 
     t0 = time.time()
     res = executor.resources()
-    engine = cfg.engine.resolved(res.device, checked.parameters, res.threads)
-    check_kv_memory(cfg, checked, engine, res.num_actors, executor.local_memory)
-    job = _build_job(cfg, checked, Numerics.of(engine))
+    resolved = cfg.engine.resolved(res.device, checked.parameters, res.threads)
+    check_kv_memory(cfg, checked, resolved, res.num_actors, executor.local_memory)
+    job = _build_job(cfg, checked, Numerics.of(resolved))
     meter = Meter(Session(started=t0, device=res.device_type))
     job.sessions.append(meter.session)
     out = Location(job.output)
@@ -309,7 +310,7 @@ def _run(cfg: GenerateConfig, checked: CheckedJob, executor: ShardExecutor) -> J
     try:
         with progress:
             if pending:
-                config = job.engine_config(refill=engine.refill, threads=engine.threads)
+                config = job.engine_config(refill=resolved.refill, threads=resolved.threads)
                 executor.run(job, config, pending, outcome, progress, meter)
     finally:
         meter.stop()
