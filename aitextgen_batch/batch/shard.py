@@ -81,15 +81,19 @@ class _Prepared:
 
 
 def _prepare(engine, job: JobSpec, shard_index: int) -> _Prepared:
+    return plan_items(job, read_rows(job, job.shards[shard_index]), engine.tokenizer, shard_index)
+
+
+def plan_items(job: JobSpec, rows: ShardRows, tokenizer, index: int = 0) -> _Prepared:
+    """Rows as work items: one per (row, sample), each with its own seed (the row's seed column, else derived from
+    the job seed and the row's id), so no sample depends on another. A row makes as many samples as its own params
+    ask for (the job's when its params are invalid); a bad row's items carry its error and are not generated."""
     cols = job.identity.columns
     job_k = job.identity.sampling.num_return_sequences
-    rows = read_rows(job, job.shards[shard_index])
-    work = prepare_rows(job, rows.table, rows.origins, engine.tokenizer)
+    work = prepare_rows(job, rows.table, rows.origins, tokenizer)
     seeds_col = rows.table.column(cols.seed).to_pylist() if cols.seed else None
-    # One work item per (row, sample): each has its own seed, so no sample depends on another. A row makes as many
-    # samples as its own params ask for (the job's when its params are invalid).
     items, errors = [], {}
-    for r in range(job.shards[shard_index].rows):
+    for r in range(rows.table.num_rows):
         err = work.errors.get(r)
         col_seed = seeds_col[r] if seeds_col is not None else None  # a null seed derives from the job seed and id
         if err is None and col_seed is not None and not 0 <= col_seed <= SEED_MAX:
@@ -104,7 +108,19 @@ def _prepare(engine, job: JobSpec, shard_index: int) -> _Prepared:
                 errors[len(items)] = err
             items.append((r, k, seed))
     single = [p and dataclasses.replace(p, num_return_sequences=1) for p in work.params]  # one sample per item
-    return _Prepared(shard_index, rows, work, items, errors, single)
+    return _Prepared(index, rows, work, items, errors, single)
+
+
+def generate_items(engine, prepared: list[_Prepared], batch_size: int) -> dict[tuple[int, int], object]:
+    """Generate every item of `prepared` that has no error in one engine call; {(index, item): GenerationResult}."""
+    todo = [(sh, i) for sh in prepared for i in range(len(sh.items)) if i not in sh.errors]
+    results = engine.generate(
+        [sh.work.prompts[sh.items[i][0]] for sh, i in todo],
+        [sh.items[i][2] for sh, i in todo],
+        [sh.single[sh.items[i][0]] for sh, i in todo],
+        batch_size,
+    )
+    return {(sh.index, i): r for (sh, i), r in zip(todo, results, strict=True)}
 
 
 @dataclass
@@ -130,14 +146,7 @@ def run_shards(engine, job: JobSpec, shard_indices: list[int], batch_size: int) 
             shards.append(_prepare(engine, job, s))
         except Exception as exc:  # this shard's own input: the others run
             outcomes[s] = ShardFailure(s, first_line(exc))
-    todo = [(sh, i) for sh in shards for i in range(len(sh.items)) if i not in sh.errors]
-    results = engine.generate(
-        [sh.work.prompts[sh.items[i][0]] for sh, i in todo],
-        [sh.items[i][2] for sh, i in todo],
-        [sh.single[sh.items[i][0]] for sh, i in todo],
-        batch_size,
-    )
-    by_item: dict[tuple[int, int], object] = {(sh.index, i): r for (sh, i), r in zip(todo, results, strict=True)}
+    by_item = generate_items(engine, shards, batch_size)
     seconds = time.perf_counter() - t0
     total = max(1, sum(len(sh.items) for sh in shards))
     for sh in shards:
@@ -148,13 +157,22 @@ def run_shards(engine, job: JobSpec, shard_indices: list[int], batch_size: int) 
     return [outcomes[s] for s in shard_indices]
 
 
-def _write(job: JobSpec, sh: _Prepared, by_item: dict, seconds: float) -> DoneRecord:
-    """Write a shard's part file (atomically) and its done record."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
+@dataclass
+class ResultTable:
+    """A shard's (or batch's) result rows as the output's Arrow table, and their counts."""
 
-    out = Location(job.output)
+    table: object  # pyarrow.Table, schema `output_schema(job)`
+    tokens: int
+    prompt_tokens: int
+    errors: int
+    first_error: str | None
+
+
+def result_table(job: JobSpec, sh: _Prepared, by_item: dict) -> ResultTable:
+    """The output rows of `sh`'s items, in item order: a generated item's text and counts, or an error row (its row's
+    error, or the engine's for that item); `by_item` as `generate_items` returns it."""
+    import pyarrow as pa
+
     ident = job.identity
     cols = ident.columns
     rows, work, items, errors = sh.rows, sh.work, sh.items, sh.errors
@@ -205,7 +223,18 @@ def _write(job: JobSpec, sh: _Prepared, by_item: dict, seconds: float) -> DoneRe
     # Kept columns are taken as Arrow values (never decoded), in the input's own type.
     take = pa.array([r for r, _, _ in items], type=pa.int64())
     arrays += [rows.table.column(c).take(take).cast(schema.field(c).type) for c in cols.keep]
-    table = pa.Table.from_arrays(arrays, schema=schema)
+    return ResultTable(pa.Table.from_arrays(arrays, schema=schema), tokens, prompt_tokens, n_err, first_error)
+
+
+def _write(job: JobSpec, sh: _Prepared, by_item: dict, seconds: float) -> DoneRecord:
+    """Write a shard's part file (atomically) and its done record."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    out = Location(job.output)
+    result = result_table(job, sh, by_item)
+    table = result.table
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     blob = sink.getvalue().to_pybytes()
@@ -215,16 +244,16 @@ def _write(job: JobSpec, sh: _Prepared, by_item: dict, seconds: float) -> DoneRe
         file=part_name(sh.index),
         rows_in=job.shards[sh.index].rows,
         rows_out=table.num_rows,
-        tokens=tokens,
-        errors=n_err,
+        tokens=result.tokens,
+        errors=result.errors,
         seconds=round(seconds, 3),
         host=socket.gethostname(),
         pid=os.getpid(),
         bytes=len(blob),
         sha256=hashlib.sha256(blob).hexdigest(),
-        first_error=first_error,
+        first_error=result.first_error,
         threads=torch.get_num_threads(),
-        prompt_tokens=prompt_tokens,
+        prompt_tokens=result.prompt_tokens,
     )
     write_done(out, record)
     return record
