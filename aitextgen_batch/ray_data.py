@@ -169,29 +169,15 @@ def build_processor(config: ProcessorConfig) -> Processor:
         UserError: a model that cannot load (pickle weights without allow_pickle), a chat job without a usable
             template, max_new_tokens beyond the model's context, a constraint the tokenizer cannot follow.
     """
-    from .batch.manifest import ChatSpec, Columns, Identity, JobSpec, ModelSpec, Numerics
-    from .generation.chat import ChatRenderer
-    from .generation.constraints import check_constraint
-    from .generation.prompts import room_error
-    from .models.provenance import inspect_source, package_versions
+    from .batch.checks import check_model
+    from .batch.manifest import Columns, Identity, JobSpec, ModelSpec, Numerics
+    from .models.provenance import package_versions
 
     e = config.engine_config()
     sampling = config.sampling_params
-    facts = inspect_source(e.model, e.tokenizer, e.trust_remote_code, e.allow_pickle)
-    chat = template = None
-    if config.chat or config.messages_column:
-        renderer = ChatRenderer(facts.tokenizer, config.chat_template, config.system_prompt)
-        refused = renderer.refuses_every_row(every_row_is_one_user_message=config.chat)
-        if refused:
-            raise UserError(refused)
-        chat = ChatSpec(
-            "messages" if config.messages_column else "prompt", renderer.template_sha256, config.system_prompt
-        )
-        template = renderer.template
-    room = room_error(sampling.max_new_tokens, facts.context_length)
-    if room:
-        raise UserError(room)
-    check_constraint(sampling, facts.tokenizer)
+    mode = "messages" if config.messages_column else "prompt" if config.chat else None
+    model = check_model(e, sampling, mode, config.chat_template, config.system_prompt)
+    facts = model.facts
     resolved = e.resolved(e.device.split(":")[0], facts.parameters)  # the numerics, decided as `generate` does
     engine = dataclasses.replace(resolved, device=e.device, threads=e.threads)
     per_row = config.params_column is not None
@@ -210,7 +196,7 @@ def build_processor(config: ProcessorConfig) -> Processor:
         inputs=[],
         shard_rows=0,
         engine=Numerics.of(resolved),
-        chat=chat,
+        chat=model.chat,
         logprobs=config.logprobs,
         return_tokens=config.return_tokens,
         top_logprobs=sampling.top_logprobs > 0 or per_row,
@@ -226,7 +212,7 @@ def build_processor(config: ProcessorConfig) -> Processor:
         keep_schema="",
         shards=[],
         versions=package_versions(),
-        chat_template=template,
+        chat_template=model.chat_template,
     )
     return Processor(config, StageSpec(job, engine))
 

@@ -47,9 +47,6 @@ def check_job(cfg: GenerateConfig) -> CheckedJob:
     """
     from pathlib import Path
 
-    from ..generation.chat import ChatRenderer
-    from ..generation.prompts import room_error
-    from ..models.provenance import inspect_source
     from .inputs import check_output_apart, validate_inputs
 
     out = Location(cfg.output)
@@ -66,34 +63,70 @@ def check_job(cfg: GenerateConfig) -> CheckedJob:
             stage = functools.partial(stage_requests, spec=checked.requests, base=cfg.sampling)
         checked.inputs = validate_inputs(cfg.input, cfg.columns, Path(checked.staging.name), stage)
         check_output_apart(cfg.output, cfg.input, checked.inputs)
-        e = cfg.engine
-        facts = inspect_source(e.model, e.tokenizer, e.trust_remote_code, e.allow_pickle)
-        checked.fingerprint = facts.fingerprint
-        checked.config, checked.parameters = facts.config, facts.parameters
         chat_requests = _chat_requests(checked) if checked.requests else 0
-        if cfg.chat or cfg.messages_column or chat_requests:
-            try:
-                renderer = ChatRenderer(facts.tokenizer, cfg.chat_template, cfg.system_prompt)
-            except UserError as exc:
-                if not chat_requests:
-                    raise
-                raise UserError(f"{cfg.input}: {chat_requests} request(s) are chat completions, but {exc}") from None
-            refused = renderer.refuses_every_row(every_row_is_one_user_message=cfg.chat)
-            if refused:
-                raise UserError(refused)
-            mode = "messages" if cfg.messages_column else "requests" if chat_requests else "prompt"
-            checked.chat = ChatSpec(mode, renderer.template_sha256, cfg.system_prompt)
-            checked.chat_template = renderer.template
-        room = room_error(cfg.sampling.max_new_tokens, facts.context_length)
-        if room:
-            raise UserError(room)
-        from ..generation.constraints import check_constraint
-
-        check_constraint(cfg.sampling, facts.tokenizer)
+        mode = "messages" if cfg.messages_column else "requests" if chat_requests else "prompt" if cfg.chat else None
+        because = f"{cfg.input}: {chat_requests} request(s) are chat completions, but " if chat_requests else ""
+        model = check_model(cfg.engine, cfg.sampling, mode, cfg.chat_template, cfg.system_prompt, because)
+        checked.fingerprint = model.facts.fingerprint
+        checked.config, checked.parameters = model.facts.config, model.facts.parameters
+        checked.chat, checked.chat_template = model.chat, model.chat_template
     except BaseException:
         checked.cleanup()
         raise
     return checked
+
+
+@dataclass
+class ModelCheck:
+    """What `check_model` found: the model's facts (`provenance.SourceFacts`: fingerprint, config, parameters,
+    tokenizer, context length) and, for chat input, how rows are rendered and the template's text."""
+
+    facts: object
+    chat: ChatSpec | None = None
+    chat_template: str | None = None
+
+
+def check_model(
+    engine: EngineConfig,
+    sampling,
+    chat_mode: str | None = None,
+    chat_template: str | None = None,
+    system_prompt: str | None = None,
+    chat_because: str = "",
+) -> ModelCheck:
+    """The checks of a model and its params, before any worker loads it (`check_job`, `ray_data.build_processor`):
+    the model loads (pickle weights are refused unless allowed, before any file is opened), a chat job's template
+    renders (`chat_mode`: "prompt", "messages" or "requests"; None: no chat), `max_new_tokens` fits the context, the
+    params' constraint suits the tokenizer.
+
+    Raises:
+        UserError: the first of those that fails (a template error prefixed by `chat_because`).
+    """
+    from ..generation.chat import ChatRenderer
+    from ..generation.constraints import check_constraint
+    from ..generation.prompts import room_error
+    from ..models.provenance import inspect_source
+
+    e = engine
+    facts = inspect_source(e.model, e.tokenizer, e.trust_remote_code, e.allow_pickle)
+    found = ModelCheck(facts)
+    if chat_mode is not None:
+        try:
+            renderer = ChatRenderer(facts.tokenizer, chat_template, system_prompt)
+        except UserError as exc:
+            if not chat_because:
+                raise
+            raise UserError(f"{chat_because}{exc}") from None
+        refused = renderer.refuses_every_row(every_row_is_one_user_message=chat_mode == "prompt")
+        if refused:
+            raise UserError(refused)
+        found.chat = ChatSpec(chat_mode, renderer.template_sha256, system_prompt)
+        found.chat_template = renderer.template
+    room = room_error(sampling.max_new_tokens, facts.context_length)
+    if room:
+        raise UserError(room)
+    check_constraint(sampling, facts.tokenizer)
+    return found
 
 
 def _chat_requests(checked: CheckedJob) -> int:
