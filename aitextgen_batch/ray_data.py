@@ -148,14 +148,18 @@ class Processor:
 
     def __call__(self, ds):
         """The rows of `ds` through the stage: a `ray.data.Dataset` of output rows (see the module docstring)."""
+        from ray.data import ActorPoolStrategy
+
         c = self.config
+        n = c.concurrency
+        pool = ActorPoolStrategy(size=n) if isinstance(n, int) else ActorPoolStrategy(min_size=n[0], max_size=n[1])
         return ds.map_batches(
             GenerateStage,
             fn_constructor_args=(self.spec,),
             batch_size=c.batch_size,
             batch_format="pyarrow",
             zero_copy_batch=True,
-            concurrency=c.concurrency,
+            compute=pool,
             num_gpus=c.num_gpus,
             num_cpus=c.num_cpus,
         )
