@@ -360,7 +360,10 @@ def test_ctrl_c_says_how_to_resume_exits_130_and_leaves_only_whole_saves(ray_add
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "finetune: interrupted. Saved steps are kept: rerun the same command to resume from the last one." in err
-    assert "Traceback" not in err
+    # no traceback of ours; Ray's own placement-group cleaner may log one when another Ray runs on the machine
+    # ("Found multiple active Ray instances"), which is not this command's output
+    ours = [line for line in err.splitlines() if "(PlacementGroupCleaner pid=" not in line]
+    assert not any("Traceback" in line for line in ours), err[-2000:]
     # every step folder the interrupted run left is whole (a save cut short stays a hidden temporary folder, which the
     # rerun removes): the rerun resumes from an intact save
     from aitextgen_batch.train.state import saved_steps
