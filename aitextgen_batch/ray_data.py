@@ -90,6 +90,14 @@ class ProcessorConfig:
     allow_pickle: bool = False
 
     def __post_init__(self):
+        import re
+
+        try:
+            self._check()
+        except UserError as exc:  # the shared checks name CLI flags: here the names are the config's fields
+            raise UserError("ProcessorConfig: " + re.sub(r" \(--[a-z0-9-]+\)", "", str(exc))) from None
+
+    def _check(self) -> None:
         if isinstance(self.sampling_params, dict):
             self.sampling_params = with_overrides(SamplingParams(), self.sampling_params)
         check(isinstance(self.sampling_params, SamplingParams), "sampling_params", "must be SamplingParams or a dict")
@@ -151,6 +159,10 @@ class Processor:
         from ray.data import ActorPoolStrategy
 
         c = self.config
+        schema = ds.schema(fetch_if_missing=False)  # known without running anything (read_parquet, from_arrow, ...)
+        if schema is not None:
+            check_columns(self.spec.job, schema.names, dict(zip(schema.names, schema.types, strict=True)))
+        self._check_room()
         n = c.concurrency
         pool = ActorPoolStrategy(size=n) if isinstance(n, int) else ActorPoolStrategy(min_size=n[0], max_size=n[1])
         return ds.map_batches(
@@ -163,6 +175,67 @@ class Processor:
             num_gpus=c.num_gpus,
             num_cpus=c.num_cpus,
         )
+
+    def _check_room(self) -> None:
+        """Refuse a pool whose fixed actors would take every CPU of a fixed-size Ray: the read and other tasks of the
+        pipeline would never be scheduled and Ray Data would wait forever, silently.
+
+        Raises:
+            UserError: the smallest pool's CPUs leave less than one CPU of the cluster free.
+        """
+        import ray
+
+        if not ray.is_initialized():
+            return
+        c = self.config
+        least = c.concurrency if isinstance(c.concurrency, int) else c.concurrency[0]
+        cpus = ray.cluster_resources().get("CPU", 0.0)
+        if c.num_gpus == 0 and cpus and least * c.num_cpus > cpus - 1:
+            raise UserError(
+                f"ProcessorConfig: concurrency {least} x num_cpus {c.num_cpus:g} takes {least * c.num_cpus:g} of the "
+                f"Ray cluster's {cpus:g} CPUs, leaving none for reading and the pipeline's other tasks: Ray Data would "
+                "wait forever. Pass a lower num_cpus (e.g. 0.5), concurrency=(1, n), or use a larger cluster"
+            )
+
+
+def check_columns(job, names: list[str], types: dict) -> tuple[str, list[str]]:
+    """The stage's checks of a dataset's columns (`names`, `types`: name -> pyarrow type): the prompt (or messages)
+    and id columns exist, ids are integers or strings, and no column the stage keeps has an output column's name.
+    Returns (id type: "int" or "string", the kept columns in order).
+
+    Raises:
+        UserError: naming the column and the fix.
+    """
+    import pyarrow as pa
+
+    from .batch.schema import BASE_FIELDS, job_fields
+
+    cols = job.identity.columns
+    for name, column in (("messages_column" if cols.messages else "prompt_column", cols.messages or cols.prompt),
+                         ("id_column", cols.id)):  # fmt: skip
+        if column not in names:
+            raise UserError(
+                f"ProcessorConfig.{name} {column!r} is not a column of the dataset (it has {', '.join(names)}); name "
+                "the right column, or add one (ds.add_column)"
+            )
+    id_type = types[cols.id]
+    if pa.types.is_integer(id_type):
+        kind = "int"
+    elif pa.types.is_string(id_type) or pa.types.is_large_string(id_type):
+        kind = "string"
+    else:
+        raise UserError(
+            f"ProcessorConfig.id_column {cols.id!r} holds {id_type}: ids must be integers or strings (cast the column)"
+        )
+    read = {cols.messages or cols.prompt, cols.id, cols.seed, cols.params} - {None}
+    kept = [c for c in names if c not in read]
+    clash = sorted(set(kept) & {"id", *(name for name, _ in BASE_FIELDS), *job_fields(job.identity)})
+    if clash:
+        raise UserError(
+            f"input column(s) {', '.join(clash)} have the names of output columns: rename or drop them before the "
+            "stage (ds.rename_columns / ds.drop_columns)"
+        )
+    return kind, kept
 
 
 def build_processor(config: ProcessorConfig) -> Processor:
@@ -281,31 +354,14 @@ class GenerateStage:
         """The stage's job with this batch's id type and kept columns (every input column the stage does not read)."""
         import pyarrow as pa
 
-        from .batch.schema import BASE_FIELDS, encode_keep_schema, job_fields
+        from .batch.schema import encode_keep_schema
 
         job = self.spec.job
         cols = job.identity.columns
-        names = batch.column_names
-        for name, column in (("prompt_column", cols.messages or cols.prompt), ("id_column", cols.id)):
-            if column not in names:
-                raise UserError(f"{name} {column!r} is not a column of the dataset (it has {', '.join(names)})")
-        id_type = batch.schema.field(cols.id).type
-        if pa.types.is_integer(id_type):
-            kind = "int"
-        elif pa.types.is_string(id_type) or pa.types.is_large_string(id_type):
-            kind = "string"
-        else:
-            raise UserError(f"id_column {cols.id!r} holds {id_type}: ids must be integers or strings")
+        kind, kept = check_columns(job, batch.column_names, {f.name: f.type for f in batch.schema})
         if batch.column(cols.id).null_count:
-            raise UserError(f"id_column {cols.id!r} has null ids: every row needs an id (its seeds derive from it)")
-        read = {cols.messages or cols.prompt, cols.id, cols.seed, cols.params} - {None}
-        kept = [c for c in names if c not in read]
-        outputs = {"id", *(name for name, _ in BASE_FIELDS), *job_fields(job.identity)}
-        clash = sorted(set(kept) & outputs)
-        if clash:
             raise UserError(
-                f"input column(s) {', '.join(clash)} have the names of output columns: rename or drop them before the "
-                "stage (ds.rename_columns / ds.drop_columns)"
+                f"ProcessorConfig.id_column {cols.id!r} has null ids: every row needs an id (its seeds derive from it)"
             )
         keep = pa.schema([batch.schema.field(c) for c in kept])
         identity = dataclasses.replace(job.identity, columns=dataclasses.replace(cols, keep=kept))

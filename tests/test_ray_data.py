@@ -105,8 +105,10 @@ def test_rows_through_the_ray_data_stage_equal_generate_byte_for_byte_after_an_a
     assert len(errors) == 3 and sum("temperature" in e for e in errors) == 2
 
 
-def test_build_processor_refuses_bad_configuration_before_any_work(tiny_model_dir, tmp_path):
-    with pytest.raises(UserError, match="concurrency"):
+def test_build_processor_refuses_bad_configuration_before_any_work(tiny_model_dir, tmp_path, ray_local):
+    import ray.data
+
+    with pytest.raises(UserError, match=r"^ProcessorConfig: concurrency must be"):
         ProcessorConfig(model=str(tiny_model_dir), concurrency=(3, 1))
     with pytest.raises(UserError, match="temperature"):
         ProcessorConfig(model=str(tiny_model_dir), sampling_params={"temperature": -2})
@@ -118,3 +120,17 @@ def test_build_processor_refuses_bad_configuration_before_any_work(tiny_model_di
         build_processor(ProcessorConfig(model=str(tiny_model_dir), sampling_params={"max_new_tokens": 100_000}))
     with pytest.raises(UserError):
         build_processor(ProcessorConfig(model=str(tmp_path / "missing")))
+
+    # the dataset's columns, checked when the stage is appended (from its known schema), before any actor loads
+    processor = build_processor(ProcessorConfig(model=str(tiny_model_dir), num_cpus=0.5))
+    for columns, match in [
+        ({"prompt": ["a b"], "x": [1]}, "id_column 'id' is not a column"),
+        ({"id": [1.0], "prompt": ["a b"]}, "holds double: ids must be integers or strings"),
+        ({"id": [1], "prompt": ["a b"], "text": ["t"]}, "input column.s. text have the names of output columns"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            processor(ray.data.from_arrow(pa.table(columns)))
+    # two actors of one CPU each on the 2-CPU Ray leave no CPU to read with: Ray Data would wait forever
+    starving = build_processor(ProcessorConfig(model=str(tiny_model_dir), concurrency=2, num_cpus=1))
+    with pytest.raises(UserError, match="leaving none for reading"):
+        starving(ray.data.from_arrow(pa.table({"id": [1], "prompt": ["a b"]})))
