@@ -134,3 +134,25 @@ def test_build_processor_refuses_bad_configuration_before_any_work(tiny_model_di
     starving = build_processor(ProcessorConfig(model=str(tiny_model_dir), concurrency=2, num_cpus=1))
     with pytest.raises(UserError, match="leaving none for reading"):
         starving(ray.data.from_arrow(pa.table({"id": [1], "prompt": ["a b"]})))
+
+
+def test_a_row_that_makes_the_engine_raise_is_that_rows_error_row(tiny_model_dir, tmp_path, ray_local):
+    """A batch the engine fails on is generated row by row: only the row at fault is an error row."""
+    import ray.data
+
+    from tests.test_batch import trigger_model
+
+    model = trigger_model(tiny_model_dir, tmp_path / "trigger", " zebra quartz fjord")
+    prompts = [" ".join(WORDS[i : i + 3]) for i in range(8)]
+    prompts[5] = "the fox zebra quartz fjord"
+    config = ProcessorConfig(
+        model=str(model), trust_remote_code=True, sampling_params=SAMPLING, num_cpus=0.5, batch_size=8, **ENGINE
+    )
+    out = build_processor(config)(
+        ray.data.from_arrow(pa.table({"id": list(range(8)), "prompt": prompts}))
+    ).to_arrow_refs()
+    table = pa.concat_tables(ray.get(out)).sort_by("id")
+    errors = table["error"].to_pylist()
+    assert "TypeError" in errors[5] and table["finish_reason"][5].as_py() == "error"
+    assert all(e is None for i, e in enumerate(errors) if i != 5)
+    assert all(n > 0 for i, n in enumerate(table["num_generated_tokens"].to_pylist()) if i != 5)
