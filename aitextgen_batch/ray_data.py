@@ -282,7 +282,7 @@ def build_processor(config: ProcessorConfig) -> Processor:
     job = JobSpec(
         identity=identity,
         output="",
-        model=ModelSpec(e.model, str(e.tokenizer) if e.tokenizer else None, e.trust_remote_code, e.allow_pickle),
+        model=ModelSpec.of(e),
         files=[],
         has_id=True,
         id_type="int",
@@ -299,15 +299,8 @@ class GenerateStage:
     turns each batch (a `pyarrow.Table`) into output rows."""
 
     def __init__(self, spec: StageSpec):
-        import torch
-
-        from .models.loading import quiet_transformers
-
-        quiet_transformers()
-        if spec.engine.threads:
-            torch.set_num_threads(spec.engine.threads)
         self.spec = spec
-        self.engine = spec.engine.build()
+        self.engine = spec.engine.build_in_worker()
         want = spec.job.identity.model_fingerprint
         if self.engine.fingerprint != want:
             raise UserError(

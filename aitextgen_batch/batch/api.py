@@ -208,17 +208,6 @@ class GenerateConfig:
         )
 
 
-def _model_spec(cfg: GenerateConfig) -> ModelSpec:
-    """How to load the model (stored in the manifest; an empty source is the bundled default model)."""
-    e = cfg.engine
-    return ModelSpec(
-        source=e.model,
-        tokenizer=str(e.tokenizer) if e.tokenizer else None,
-        trust_remote_code=e.trust_remote_code,
-        allow_pickle=e.allow_pickle,
-    )
-
-
 def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> JobSpec:
     import pyarrow as pa
 
@@ -254,7 +243,7 @@ def _build_job(cfg: GenerateConfig, checked: CheckedJob, numerics: Numerics) -> 
     return JobSpec(
         identity=identity,
         output=out.uri,
-        model=_model_spec(cfg),
+        model=ModelSpec.of(cfg.engine),
         files=files,
         has_id=inputs.has_id,
         id_type=inputs.id_type,

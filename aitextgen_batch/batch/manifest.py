@@ -61,6 +61,12 @@ class ModelSpec:
     trust_remote_code: bool
     allow_pickle: bool
 
+    @classmethod
+    def of(cls, config: EngineConfig) -> ModelSpec:
+        """How `config` loads its model."""
+        tokenizer = str(config.tokenizer) if config.tokenizer else None
+        return cls(config.model, tokenizer, config.trust_remote_code, config.allow_pickle)
+
 
 @dataclass
 class Numerics:

@@ -133,6 +133,18 @@ class EngineConfig:
             allow_pickle=self.allow_pickle,
         )
 
+    def build_in_worker(self):
+        """`build()` in a process that is its own entry point (a Ray actor): transformers' advisory logging is
+        silenced and torch's thread count set to `threads` first, for the whole process."""
+        import torch
+
+        from ..models.loading import quiet_transformers
+
+        quiet_transformers()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        return self.build()
+
 
 @dataclass
 class ReplayConfig:

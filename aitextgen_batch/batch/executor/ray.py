@@ -39,6 +39,12 @@ STORAGE_ENV = (
 )
 
 
+def storage_runtime_env() -> dict | None:
+    """The Ray `runtime_env` that gives actors the object-store settings (`STORAGE_ENV`) this driver was given."""
+    env = {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
+    return {"env_vars": env} if env else None
+
+
 class GenerationWorker:
     """Body of the Ray actor: the engine is built once in `__init__`, then `run` is called per group of shards.
 
@@ -48,14 +54,7 @@ class GenerationWorker:
     """
 
     def __init__(self, config: EngineConfig):
-        import torch
-
-        from ...models.loading import quiet_transformers
-
-        quiet_transformers()
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        self.engine = config.build()
+        self.engine = config.build_in_worker()
 
     def ready(self) -> str:
         """Answered once the engine is loaded: the scheduler hands shards only to actors that answered."""
@@ -255,13 +254,12 @@ def start_actors(config: EngineConfig, num_actors: int, cpus_per_actor: float, g
     """Start the actors; each loads the model in its constructor (`_schedule` waits for each to be ready)."""
     import ray
 
-    env = {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
     actor_cls = ray.remote(GenerationWorker).options(
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
         max_restarts=-1,
         max_task_retries=0,
-        runtime_env={"env_vars": env} if env else None,
+        runtime_env=storage_runtime_env(),
     )
     return [actor_cls.remote(config) for _ in range(num_actors)]
 
