@@ -158,6 +158,8 @@ class Processor:
         """The rows of `ds` through the stage: a `ray.data.Dataset` of output rows (see the module docstring)."""
         from ray.data import ActorPoolStrategy
 
+        from .batch.executor.ray import storage_runtime_env
+
         c = self.config
         schema = ds.schema(fetch_if_missing=False)  # known without running anything (read_parquet, from_arrow, ...)
         if schema is not None:
@@ -174,6 +176,7 @@ class Processor:
             compute=pool,
             num_gpus=c.num_gpus,
             num_cpus=c.num_cpus,
+            runtime_env=storage_runtime_env(),  # the cache root and object-store settings, as generate's actors get
         )
 
     def _check_room(self) -> None:
