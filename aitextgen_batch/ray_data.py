@@ -211,7 +211,7 @@ def check_columns(job, names: list[str], types: dict) -> tuple[str, list[str]]:
     """
     import pyarrow as pa
 
-    from .batch.schema import BASE_FIELDS, job_fields
+    from .batch.schema import job_fields, output_names
 
     cols = job.identity.columns
     for name, column in (("messages_column" if cols.messages else "prompt_column", cols.messages or cols.prompt),
@@ -232,7 +232,7 @@ def check_columns(job, names: list[str], types: dict) -> tuple[str, list[str]]:
         )
     read = {cols.messages or cols.prompt, cols.id, cols.seed, cols.params} - {None}
     kept = [c for c in names if c not in read]
-    clash = sorted(set(kept) & {"id", *(name for name, _ in BASE_FIELDS), *job_fields(job.identity)})
+    clash = sorted(set(kept) & output_names(job_fields(job.identity)))
     if clash:
         raise UserError(
             f"input column(s) {', '.join(clash)} have the names of output columns: rename or drop them before the "
@@ -251,6 +251,7 @@ def build_processor(config: ProcessorConfig) -> Processor:
     """
     from .batch.checks import check_model
     from .batch.manifest import Columns, Identity, JobSpec, ModelSpec, Numerics
+    from .batch.schema import logprob_columns
     from .models.provenance import package_versions
 
     e = config.engine_config()
@@ -260,7 +261,7 @@ def build_processor(config: ProcessorConfig) -> Processor:
     facts = model.facts
     resolved = e.resolved(e.device.split(":")[0], facts.parameters)  # the numerics, decided as `generate` does
     engine = dataclasses.replace(resolved, device=e.device, threads=e.threads)
-    per_row = config.params_column is not None
+    top, prompt = logprob_columns(sampling, per_row=config.params_column is not None)
     identity = Identity(
         model_fingerprint=facts.fingerprint,
         sampling=sampling,
@@ -279,8 +280,8 @@ def build_processor(config: ProcessorConfig) -> Processor:
         chat=model.chat,
         logprobs=config.logprobs,
         return_tokens=config.return_tokens,
-        top_logprobs=sampling.top_logprobs > 0 or per_row,
-        prompt_logprobs=sampling.prompt_logprobs or per_row,
+        top_logprobs=top,
+        prompt_logprobs=prompt,
     )
     job = JobSpec(
         identity=identity,

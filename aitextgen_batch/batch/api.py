@@ -157,10 +157,9 @@ class GenerateConfig:
         chat_input = self.chat or self.messages_column is not None or self.input_format == "openai-batch"
         for name in ("system_prompt", "chat_template"):
             check(chat_input or getattr(self, name) is None, name, "is for chat input: add --chat or --messages-column")
-        from .schema import BASE_FIELDS, optional_fields
+        from .schema import optional_fields, output_names
 
-        reserved = {"id"} | {name for name, _ in BASE_FIELDS}
-        reserved |= set(
+        reserved = output_names(
             optional_fields(self.params_column is not None, self.logprobs, self.return_tokens, *self.logprob_columns)
         )
         clash = sorted(set(self.keep_columns) & reserved)
@@ -189,8 +188,9 @@ class GenerateConfig:
     def logprob_columns(self) -> tuple[bool, bool]:
         """Whether the output has top_logprobs and prompt_logprobs: when the flags ask, or when rows have their own
         params (any row may ask)."""
-        per_row = self.params_column is not None or self.input_format == "openai-batch"
-        return self.sampling.top_logprobs > 0 or per_row, self.sampling.prompt_logprobs or per_row
+        from .schema import logprob_columns
+
+        return logprob_columns(self.sampling, self.params_column is not None or self.input_format == "openai-batch")
 
     @property
     def columns(self) -> Columns:

@@ -39,6 +39,17 @@ def optional_fields(
     )
 
 
+def logprob_columns(sampling, per_row: bool) -> tuple[bool, bool]:
+    """Whether the output has top_logprobs and prompt_logprobs: when the job's `SamplingParams` ask, or when rows have
+    their own params (`per_row`: any row may ask)."""
+    return sampling.top_logprobs > 0 or per_row, sampling.prompt_logprobs or per_row
+
+
+def output_names(optional: list[str]) -> set[str]:
+    """The names of the output columns a kept input column may not take: id, BASE_FIELDS and `optional`."""
+    return {"id", *(name for name, _ in BASE_FIELDS), *optional}
+
+
 def job_fields(ident) -> list[str]:
     """`optional_fields` of a job's identity: the columns it recorded (a job of an earlier version has no top or prompt
     log-probabilities, and is resumed without them)."""
